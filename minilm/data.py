@@ -1,0 +1,311 @@
+"""Corpora, tokenizer and the on-disk token cache, all through one code path.
+
+Every source becomes a `datasets.Dataset` with columns `key` (what the train/val
+split hashes: a file path or a row index) and `text`:
+
+    pystdlib  the running interpreter's standard-library .py sources (no tests,
+              no site-packages): real text on every machine, no download
+    text      local files or globs, one document per file
+    hf        any `datasets` dataset: a hub name or a local dataset directory
+
+A byte-level BPE tokenizer is trained on the train split with `tokenizers`, and
+both splits are tokenized (in parallel with `datasets.map(num_proc=...)`) into
+uint16/uint32 memmaps under a content fingerprint of corpus + settings. The
+cache records checksums; a corrupted or stale cache is rebuilt.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CACHE_VERSION = 1
+EOS = "<|endoftext|>"
+_SKIPPED_STDLIB_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+
+
+class DataError(RuntimeError):
+    """A data source that cannot be used; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------- corpora
+
+
+def stdlib_files() -> list[tuple[str, Path]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if set(rel.parts[:-1]) & _SKIPPED_STDLIB_DIRS or rel.name.startswith("test_"):
+            continue
+        files.append((rel.as_posix(), path))
+    return files
+
+
+def text_files(patterns) -> list[tuple[str, Path]]:
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    files = sorted({Path(f) for p in patterns for f in glob.glob(os.path.expanduser(p), recursive=True)})
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise DataError(f"data.files={patterns} matched no files; pass existing paths or globs, e.g. data.files='[notes/*.txt]'")
+    return [(f.as_posix(), f) for f in files]
+
+
+def load_corpus(data_cfg):
+    """The corpus as a `datasets.Dataset` with `key` and `text` columns."""
+    import datasets
+
+    if data_cfg.source in ("pystdlib", "text"):
+        files = stdlib_files() if data_cfg.source == "pystdlib" else text_files(data_cfg.files)
+        files = files[: data_cfg.max_files] if data_cfg.max_files else files
+        return datasets.Dataset.from_dict({
+            "key": [key for key, _ in files],
+            "text": [path.read_text(encoding="utf-8", errors="replace") for _, path in files],
+        })
+    if data_cfg.source == "hf":
+        return _load_hf(data_cfg)
+    raise DataError(f"unknown data.source={data_cfg.source!r}; choose pystdlib, text or hf")
+
+
+def _load_hf(data_cfg):
+    import datasets
+
+    local = Path(os.path.expanduser(data_cfg.name))
+    if local.is_dir() and (local / "dataset_info.json").exists():
+        ds = datasets.load_from_disk(str(local))  # a save_to_disk() directory
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[data_cfg.split]
+    else:
+        try:
+            ds = datasets.load_dataset(str(local) if local.exists() else data_cfg.name,
+                                       data_cfg.subset, split=data_cfg.split)
+        except (ConnectionError, OSError) as err:
+            raise DataError(
+                f"could not load dataset {data_cfg.name!r} (the Hugging Face Hub is unreachable or the name is wrong: "
+                f"{type(err).__name__}); use data=pystdlib, or data=text data.files=[...] for local files"
+            ) from err
+    if data_cfg.text_column not in ds.column_names:
+        raise DataError(f"data.text_column={data_cfg.text_column!r} is not a column of {data_cfg.name!r}; "
+                        f"choose one of {ds.column_names}")
+    if data_cfg.max_files:
+        ds = ds.select(range(min(data_cfg.max_files, len(ds))))
+    ds = ds.select_columns([data_cfg.text_column]).rename_column(data_cfg.text_column, "text")
+    return ds.map(lambda _, i: {"key": str(i)}, with_indices=True, desc="indexing")
+
+
+def is_val(key: str, val_fraction: float) -> bool:
+    """Stable split: a document's key hashes to the same split on every machine and run."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 10_000 < val_fraction * 10_000
+
+
+def corpus_fingerprint(corpus, data_cfg) -> str:
+    settings = {"version": CACHE_VERSION, "vocab_size": data_cfg.vocab_size, "val_fraction": data_cfg.val_fraction}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for batch in corpus.iter(batch_size=1000):
+        for key, text in zip(batch["key"], batch["text"]):
+            digest.update(key.encode() + b"\0" + text.encode("utf-8", "replace") + b"\0")
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- tokenizer + cache
+
+
+def train_tokenizer(texts, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class TokenData:
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: object
+    fingerprint: str
+    cache_dir: Path
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids))
+
+
+def _cache_problem(directory: Path, fingerprint: str) -> str | None:
+    """Why the cache in `directory` cannot be used, or None if it is intact."""
+    meta_path = directory / "meta.json"
+    if not meta_path.exists():
+        return "missing"
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta["fingerprint"] != fingerprint:
+            return "stale (fingerprint differs)"
+        for split in ("train", "val"):
+            if _sha256(directory / f"{split}.bin") != meta["sha256"][split]:
+                return f"corrupted ({split}.bin checksum differs)"
+        if not (directory / "tokenizer.json").exists():
+            return "corrupted (tokenizer.json missing)"
+    except (OSError, ValueError, KeyError) as err:
+        return f"corrupted ({type(err).__name__})"
+    return None
+
+
+def _write_tokens(split_ds, path: Path, dtype, eos_id: int) -> int:
+    n_tokens = sum(len(ids) + 1 for ids in split_ds["ids"])
+    out = np.memmap(path, dtype=dtype, mode="w+", shape=(max(n_tokens, 1),))
+    pos = 0
+    for batch in split_ds.iter(batch_size=1000):
+        for ids in batch["ids"]:
+            out[pos:pos + len(ids)] = ids
+            out[pos + len(ids)] = eos_id  # documents are separated by EOS
+            pos += len(ids) + 1
+    out.flush()
+    return n_tokens
+
+
+def _build_cache(corpus, data_cfg, fingerprint: str, directory: Path, log) -> None:
+    val_mask = [is_val(k, data_cfg.val_fraction) for k in corpus["key"]]
+    val_idx = [i for i, v in enumerate(val_mask) if v]
+    train_idx = [i for i, v in enumerate(val_mask) if not v]
+    if not train_idx or not val_idx:
+        raise DataError(f"the corpus has {len(corpus)} documents, too few to split with data.val_fraction="
+                        f"{data_cfg.val_fraction}; add documents or change data.val_fraction")
+    log(f"training a {data_cfg.vocab_size}-token BPE tokenizer on {len(train_idx)} documents")
+    train_ds, val_ds = corpus.select(train_idx), corpus.select(val_idx)
+    tokenizer = train_tokenizer(_text_batches(train_ds), data_cfg.vocab_size)
+    eos_id = tokenizer.token_to_id(EOS)
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
+
+    def encode(batch):
+        return {"ids": [e.ids for e in tokenizer.encode_batch(batch["text"])]}
+
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=directory.parent))
+    try:
+        meta = {"fingerprint": fingerprint, "dtype": np.dtype(dtype).name, "sha256": {}, "tokens": {},
+                "source": data_cfg.source, "vocab_size": tokenizer.get_vocab_size()}
+        for split, ds in (("train", train_ds), ("val", val_ds)):
+            tokenized = ds.map(encode, batched=True, num_proc=data_cfg.num_proc if len(ds) > 1 else None,
+                               remove_columns=ds.column_names, desc=f"tokenizing {split}")
+            meta["tokens"][split] = _write_tokens(tokenized, tmp / f"{split}.bin", dtype, eos_id)
+            meta["sha256"][split] = _sha256(tmp / f"{split}.bin")
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)  # the finished cache appears atomically
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _text_batches(ds):
+    for batch in ds.iter(batch_size=1000):
+        yield batch["text"]
+
+
+def prepare_data(data_cfg, log=print) -> TokenData:
+    """Tokenized train/val splits for the configured corpus, built once and cached by content."""
+    from tokenizers import Tokenizer
+
+    corpus = load_corpus(data_cfg)
+    if len(corpus) == 0:
+        raise DataError(f"data.source={data_cfg.source!r} produced no documents")
+    fingerprint = corpus_fingerprint(corpus, data_cfg)
+    cache_root = Path(os.path.expanduser(str(data_cfg.cache_dir))).resolve()
+    cache_root.mkdir(parents=True, exist_ok=True)
+    directory = cache_root / f"{data_cfg.source}-{fingerprint[:16]}"
+    problem = _cache_problem(directory, fingerprint)
+    if problem:
+        if problem != "missing":
+            log(f"token cache {directory} is {problem}; rebuilding")
+        _build_cache(corpus, data_cfg, fingerprint, directory, log)
+    meta = json.loads((directory / "meta.json").read_text())
+    train, val = (np.memmap(directory / f"{s}.bin", dtype=meta["dtype"], mode="r") for s in ("train", "val"))
+    return TokenData(train, val, Tokenizer.from_file(str(directory / "tokenizer.json")), fingerprint, directory)
+
+
+# ---------------------------------------------------------------- batches
+
+
+class BatchSampler:
+    """Shuffled, non-overlapping windows of block_size+1 tokens, epoch by epoch.
+
+    The order is a function of (seed, epoch) alone, and the position is
+    (epoch, cursor), so a resumed run sees exactly the batches it would have.
+    With several data-parallel ranks, each step's global batch is split into
+    disjoint per-rank slices, so ranks never see the same window.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.n_windows = (len(tokens) - 1) // block_size
+        self.global_batch = batch_size * world_size
+        if self.n_windows < self.global_batch:
+            raise DataError(f"the train split has {len(tokens)} tokens, fewer than one batch of "
+                            f"{self.global_batch} x {block_size + 1}; use more data or a smaller "
+                            f"train.batch_size / model.block_size")
+        self.epoch, self.cursor = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n_windows, generator=generator)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if (self.cursor + 1) * self.global_batch > self.n_windows:
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._permutation()
+        start = self.cursor * self.global_batch + self.rank * self.batch_size
+        windows = self._order[start:start + self.batch_size]
+        self.cursor += 1
+        return windows_to_batch(self.tokens, windows.tolist(), self.block_size)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._permutation()
+
+
+def windows_to_batch(tokens: np.ndarray, windows, block_size: int):
+    rows = np.stack([tokens[w * block_size: w * block_size + block_size + 1] for w in windows]).astype(np.int64)
+    batch = torch.from_numpy(rows)
+    return batch[:, :-1], batch[:, 1:]
+
+
+def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, n_batches: int):
+    """The same fixed validation batches every time: consecutive windows from the start."""
+    n_windows = (len(tokens) - 1) // block_size
+    if n_windows == 0:
+        raise DataError(f"the val split has {len(tokens)} tokens, fewer than one window of {block_size + 1}; "
+                        f"raise data.val_fraction or lower model.block_size")
+    windows = list(range(min(n_windows, batch_size * n_batches)))
+    return [windows_to_batch(tokens, windows[i:i + batch_size], block_size)
+            for i in range(0, len(windows), batch_size)]

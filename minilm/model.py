@@ -1,0 +1,180 @@
+"""A decoder-only GPT, readable top to bottom.
+
+Token + position embeddings -> n_layer blocks -> final norm -> LM head (tied to
+the token embedding by default). Each block is attention then MLP, with the
+norm placed according to `placement`:
+
+    pre:       x = x + f(norm(x))                 (GPT-2 and most modern LMs)
+    post:      x = norm(x + f(x))                 (the original Transformer)
+    sandwich:  x = x + norm_out(f(norm_in(x)))    (norm before and after each sublayer)
+
+All norms come from the registry in `minilm.norms`, so `norm.kind` switches every
+one of them (including the optional per-head query/key norm) at once.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minilm.norms import build_norm
+
+PLACEMENTS = ("pre", "post", "sandwich")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    block_size: int = 128
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    placement: str = "pre"
+    qk_norm: bool = False
+    norm_kind: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_affine: bool = True
+
+    def norm(self, dim: int | None = None) -> nn.Module:
+        return build_norm(self.norm_kind, dim or self.d_model, self.norm_eps, self.norm_affine, self.bias)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.d_head = cfg.d_model // cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        # qk-norm (Wortsman et al. 2023): normalizing each head's queries and keys
+        # bounds the attention logits, which otherwise grow with the learning rate.
+        self.q_norm = cfg.norm(self.d_head) if cfg.qk_norm else nn.Identity()
+        self.k_norm = cfg.norm(self.d_head) if cfg.qk_norm else nn.Identity()
+        self.dropout = cfg.dropout
+
+    def project_qkv(self, x: torch.Tensor):
+        """Queries, keys, values as (batch, head, time, d_head); shared with diagnostics."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))
+        return self.q_norm(q), self.k_norm(k), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.project_qkv(x)
+        # SDPA picks the flash / memory-efficient kernel where it can.
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = cfg.mlp_ratio * cfg.d_model
+        self.fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.placement = cfg.placement
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = MLP(cfg)
+        self.norm_attn = cfg.norm()
+        self.norm_mlp = cfg.norm()
+        if cfg.placement == "sandwich":
+            self.norm_attn_out = cfg.norm()
+            self.norm_mlp_out = cfg.norm()
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.placement == "pre":
+            x = x + self.drop(self.attn(self.norm_attn(x)))
+            return x + self.drop(self.mlp(self.norm_mlp(x)))
+        if self.placement == "post":
+            x = self.norm_attn(x + self.drop(self.attn(x)))
+            return self.norm_mlp(x + self.drop(self.mlp(x)))
+        x = x + self.drop(self.norm_attn_out(self.attn(self.norm_attn(x))))
+        return x + self.drop(self.norm_mlp_out(self.mlp(self.norm_mlp(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        # Post-norm already ends every block with a norm; the others need a final one.
+        self.norm_f = cfg.norm() if cfg.placement != "post" else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the
+        # residual stream's variance does not grow with depth at init.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        """Parameters, counting the tied head once and excluding position embeddings (as GPT-2 does)."""
+        return sum(p.numel() for p in self.parameters()) - self.pos_emb.weight.numel()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, time, vocab) for token ids (batch, time)."""
+        T = idx.shape[1]
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.norm_f(x))
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
+                 top_k: int = 50, generator: torch.Generator | None = None) -> torch.Tensor:
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.cfg.block_size:])[:, -1, :].float() / temperature
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits, dim=-1)
+            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        return idx
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0):
+    """Next-token cross-entropy (+ z_loss * mean(log Z)^2), computed in fp32.
+
+    Returns (loss to optimize, cross-entropy, z-loss term). z-loss (PaLM; Wortsman
+    et al. 2023) keeps the softmax normalizer log Z near 0, preventing output-logit drift.
+    """
+    logits = logits.float()
+    ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+    if z_loss == 0.0:
+        return ce, ce, torch.zeros_like(ce)
+    z_term = z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return ce + z_term, ce, z_term

@@ -1,0 +1,36 @@
+"""The one norm registry: every normalization layer the model uses is built here.
+
+All kinds normalize the last dimension, return the input dtype and compute their
+statistics in fp32 (torch's kernels upcast internally; our Triton kernels do it
+themselves because custom ops bypass autocast).
+"""
+
+from torch import nn
+
+NORM_KINDS = ("layernorm", "rmsnorm", "triton_layernorm", "triton_rmsnorm")
+
+
+def build_norm(kind: str, dim: int, eps: float = 1e-5, affine: bool = True, bias: bool = True) -> nn.Module:
+    """A norm over the last dim of size `dim`. `bias` only applies to LayerNorm kinds."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps, elementwise_affine=affine, bias=bias and affine)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps, elementwise_affine=affine)
+    if kind == "triton_layernorm":
+        from minilm.norms.triton_norm import TritonLayerNorm
+
+        return TritonLayerNorm(dim, eps=eps, affine=affine, bias=bias and affine)
+    if kind == "triton_rmsnorm":
+        from minilm.norms.triton_norm import TritonRMSNorm
+
+        return TritonRMSNorm(dim, eps=eps, affine=affine)
+    raise ValueError(f"unknown norm kind {kind!r}; choose one of {', '.join(NORM_KINDS)}")
+
+
+def norm_unavailable_reason(kind: str, device_type: str) -> str | None:
+    """Why `kind` cannot run on `device_type` (one line, with the fix), or None if it can."""
+    if not kind.startswith("triton_"):
+        return None
+    from minilm.norms.triton_norm import triton_unavailable_reason
+
+    return triton_unavailable_reason(device_type)

@@ -1,0 +1,32 @@
+import os
+
+import minilm  # noqa: F401  (its AMX guard must run before any torch op)
+import pytest
+import torch
+
+# Triton kernels run on CPU through the interpreter; it must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory):
+    """One token cache for the whole session, isolated from the user's ~/.cache/minilm."""
+    path = os.environ.get("MINILM_TEST_CACHE") or str(tmp_path_factory.mktemp("token-cache"))
+    previous = os.environ.get("MINILM_CACHE")
+    os.environ["MINILM_CACHE"] = path
+    yield path
+    if previous is None:
+        os.environ.pop("MINILM_CACHE", None)
+    else:
+        os.environ["MINILM_CACHE"] = previous
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,137 @@
+"""The training core end to end on CPU: every precision and placement, determinism, resume."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from minilm.cli import compose
+from minilm.trainer import Trainer
+from minilm.tracking import read_metrics
+from tests.helpers import losses, run_training, with_tiny
+
+
+def make_trainer(overrides, run_dir):
+    return Trainer(compose(with_tiny(overrides)), run_dir)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_one_step_gives_finite_loss_and_updates_every_parameter(placement, norm, precision, tmp_path):
+    trainer = make_trainer([f"model.placement={placement}", f"norm={norm}", f"precision={precision}",
+                            "optim.warmup_steps=0"], tmp_path)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    loss, grad_norm = trainer.train_step()
+    assert math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
+    for name, param in trainer.model.named_parameters():
+        assert param.dtype == torch.float32, name  # master weights stay fp32
+        assert not torch.equal(param, before[name]), f"{name} was not updated"
+    for state in trainer.optimizer.state.values():
+        assert state["exp_avg"].dtype == torch.float32
+
+
+def test_loss_falls_substantially_on_the_embedded_corpus(tmp_path):
+    rows = run_training(["train.max_steps=200", "optim.warmup_steps=10", "train.eval_interval=200",
+                         "model.d_model=128", "model.n_head=4", "model.block_size=64", "train.batch_size=16"],
+                        tmp_path)
+    train_losses = losses(rows)
+    start, end = sum(train_losses[:5]) / 5, sum(train_losses[-10:]) / 10
+    assert start > 6.0 and end < start - 2.0, (start, end)  # ln(512) = 6.24 at init
+    val = [row["val/loss"] for row in rows if "val/loss" in row]
+    assert val and val[-1] < start - 1.5
+
+
+def test_deterministic_runs_are_bitwise_equal(tmp_path):
+    overrides = ["deterministic=true", "train.max_steps=8", "model.dropout=0.1"]
+    first = losses(run_training(overrides, tmp_path / "a"))
+    second = losses(run_training(overrides, tmp_path / "b"))
+    assert len(first) == 8 and first == second
+    third = losses(run_training(overrides + ["seed=1"], tmp_path / "c"))
+    assert third != first  # the seed really drives init and data order
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_resume_equals_uninterrupted(precision, tmp_path):
+    common = ["deterministic=true", "model.dropout=0.1", f"precision={precision}", "train.max_steps=10",
+              "train.grad_accum=2"]
+    full = losses(run_training(common, tmp_path / "full"))
+    # stop after 6 steps (checkpoint written at the end), then resume in the same run dir
+    run_training(common + ["train.max_steps=6"], tmp_path / "split")
+    rows = run_training(common + ["train.ckpt_interval=0"], tmp_path / "split")
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 11))
+    assert losses(rows) == full
+
+
+def test_fp16_scaler_skips_an_injected_inf_and_recovers(tmp_path):
+    trainer = make_trainer(["precision=fp16", "optim.warmup_steps=0", "train.max_steps=4"], tmp_path)
+    weight = trainer.model.blocks[0].mlp.fc.weight
+    calls = {"n": 0}
+
+    def poison_second_step(grad):
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] == 2 else grad
+
+    weight.register_hook(poison_second_step)
+    scale = trainer.precision.scale()
+    trainer.train_step()
+    snapshot = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    _, grad_norm = trainer.train_step()  # the poisoned step
+    assert not math.isfinite(grad_norm.item())
+    assert all(torch.equal(p, snapshot[n]) for n, p in trainer.model.named_parameters()), "inf step was applied"
+    assert trainer.precision.scale() == scale / 2  # backed off
+    loss, grad_norm = trainer.train_step()  # recovers
+    assert math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
+    assert not torch.equal(weight, snapshot["blocks.0.mlp.fc.weight"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nonfinite_gradient_never_reaches_weights_without_scaler(precision, tmp_path):
+    trainer = make_trainer([f"precision={precision}", "optim.warmup_steps=0"], tmp_path)
+    trainer.model.blocks[0].attn.qkv.weight.register_hook(lambda g: g * float("nan"))
+    snapshot = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train_step()
+    assert all(torch.equal(p, snapshot[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_nonfinite_loss_stops_the_run_with_a_record(tmp_path):
+    trainer = make_trainer(["train.max_steps=20", "train.log_interval=2"], tmp_path)
+    trainer.model.blocks[0].mlp.fc.weight.data[0, 0] = float("inf")  # poison: the forward turns nan
+    summary = trainer.fit()
+    assert summary["diverged"] and summary["diverged_at_step"] == 1 and summary["outcome"] == "diverged"
+    assert summary["step"] < 20
+    assert json.loads((tmp_path / "summary.json").read_text())["diverged_at_step"] == 1
+    assert (tmp_path / "checkpoints" / "diverged.pt").exists()
+
+
+def test_run_dir_holds_metrics_config_and_environment(tmp_path):
+    rows = run_training(["train.max_steps=4", "train.eval_interval=2", "train.log_interval=2"], tmp_path)
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert all({"optim/grad_norm", "optim/lr"} <= set(r) for r in train_rows)
+    assert [r["step"] for r in rows if "val/loss" in r] == [2, 4]
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert env["packages"]["torch"] and env["data_fingerprint"] and "git" in env and env["device"] == "cpu"
+    assert "model:" in (tmp_path / "config.yaml").read_text()
+    assert (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    from minilm import checkpoint
+
+    checkpoint.save_atomic({"step": 1}, tmp_path / "last.pt")
+
+    def crash(*_args, **_kwargs):
+        raise KeyboardInterrupt  # a kill in the middle of writing
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({"step": 2}, tmp_path / "last.pt")
+    assert checkpoint.load(tmp_path / "last.pt") == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_detect_anomaly_mode_trains(tmp_path):
+    rows = run_training(["detect_anomaly=true", "train.max_steps=2"], tmp_path)
+    assert len(losses(rows)) == 2
