@@ -84,14 +84,14 @@ def _load_hf(data_cfg):
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[data_cfg.split]
     else:
+        if not local.exists():
+            _require_hub(data_cfg.name)
         try:
             ds = datasets.load_dataset(str(local) if local.exists() else data_cfg.name,
                                        data_cfg.subset, split=data_cfg.split)
         except (ConnectionError, OSError) as err:
-            raise DataError(
-                f"could not load dataset {data_cfg.name!r} (the Hugging Face Hub is unreachable or the name is wrong: "
-                f"{type(err).__name__}); use data=pystdlib, or data=text data.files=[...] for local files"
-            ) from err
+            raise DataError(f"could not load dataset {data_cfg.name!r} ({type(err).__name__}: {err}); check the "
+                            f"name, or use data=pystdlib, or data=text data.files=[...] for local files") from err
     if data_cfg.text_column not in ds.column_names:
         raise DataError(f"data.text_column={data_cfg.text_column!r} is not a column of {data_cfg.name!r}; "
                         f"choose one of {ds.column_names}")
@@ -99,6 +99,21 @@ def _load_hf(data_cfg):
         ds = ds.select(range(min(data_cfg.max_files, len(ds))))
     ds = ds.select_columns([data_cfg.text_column]).rename_column(data_cfg.text_column, "text")
     return ds.map(lambda _, i: {"key": str(i)}, with_indices=True, desc="indexing")
+
+
+def _require_hub(name: str, timeout: float = 5.0) -> None:
+    """Fail in one line, in seconds, when the Hub cannot be reached (instead of minutes of retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        raise DataError(f"data.name={name!r} needs the Hugging Face Hub ({url.hostname}), which is unreachable "
+                        f"from this machine; use data=pystdlib, or data=text data.files=[...] for local files") from None
 
 
 def is_val(key: str, val_fraction: float) -> bool:

@@ -12,11 +12,15 @@ import json
 import math
 import netrc
 import os
+import shutil
 import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
 WANDB_HOST = "api.wandb.ai"
+# the run dir's config.yaml and environment.json, as stored inside the W&B run
+WANDB_CONFIG_FILE = "minilm_config.yaml"
+WANDB_ENVIRONMENT_FILE = "minilm_environment.json"
 
 
 def wandb_credentials_configured() -> bool:
@@ -102,10 +106,17 @@ class Tracker:
     def wandb_id(self) -> str | None:
         return self.wandb_run.id if self.wandb_run else None
 
-    def save_file(self, path: Path) -> None:
-        """Keep a copy of a run-dir file inside the W&B run (fetchable later through the API)."""
+    def save_file(self, path: Path, name: str) -> None:
+        """Keep a copy of a run-dir file inside the W&B run as `name` (fetchable later through the API).
+
+        Names must not clash with W&B's own files (its `config.yaml` holds run.config in its format).
+        """
         if self.wandb_run:
-            self._guard(lambda: self.wandb_run.save(str(path), base_path=str(self.run_dir), policy="now"))
+            def save():
+                copy = Path(self.wandb_run.dir) / name
+                shutil.copyfile(path, copy)
+                self.wandb_run.save(str(copy), base_path=self.wandb_run.dir, policy="now")
+            self._guard(save)
 
     def _guard(self, action) -> None:
         try:

@@ -31,7 +31,7 @@ from minilm.data import BatchSampler, eval_batches, prepare_data
 from minilm.model import GPT, ModelConfig, lm_loss
 from minilm.precision import Precision
 from minilm.repro import environment_record, rng_state, seed_everything, set_deterministic, set_rng_state
-from minilm.tracking import Tracker
+from minilm.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, Tracker
 
 log = logging.getLogger("minilm")
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -114,7 +114,7 @@ class Trainer:
                                    resume_id=state.get("wandb_id") if state else None, log=log.info,
                                    resume_step=self.step if state else None)
             self._write_environment()
-            self.tracker.save_file(self.run_dir / "config.yaml")
+            self.tracker.save_file(self.run_dir / "config.yaml", WANDB_CONFIG_FILE)
 
     # ------------------------------------------------------------ setup
     def _init_distributed(self) -> tuple[int, int]:
@@ -164,7 +164,7 @@ class Trainer:
                       wandb_run_id=self.tracker.wandb_id, n_params=self.model.num_params(),
                       world_size=self.world_size)
         (self.run_dir / "environment.json").write_text(json.dumps(record, indent=1))
-        self.tracker.save_file(self.run_dir / "environment.json")
+        self.tracker.save_file(self.run_dir / "environment.json", WANDB_ENVIRONMENT_FILE)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
