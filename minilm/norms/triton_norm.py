@@ -1,0 +1,79 @@
+"""nn.Modules over our Triton kernels: drop-in replacements for nn.LayerNorm / nn.RMSNorm.
+
+Same parameter names, shapes and initialization as torch's, so state dicts load either
+way. Importing this file never needs triton: without it (or without a CUDA GPU and the
+interpreter) `triton_unavailable_reason` says why and what to do, and forward raises it.
+"""
+
+import os
+
+import torch
+from torch import nn
+
+try:
+    from minilm.norms import triton_ops
+except ImportError as error:  # triton missing or broken: the registry reports the reason
+    triton_ops = None
+    _IMPORT_ERROR = str(error)
+
+_FALLBACK = "pick norm=layernorm / norm=rmsnorm"
+
+
+def triton_unavailable_reason(device_type: str) -> str | None:
+    """One line saying why the Triton norms cannot run on `device_type`, with the fix; None if they can."""
+    if triton_ops is None:
+        return f"triton is not importable ({_IMPORT_ERROR}): pip install triton (Linux), or {_FALLBACK}"
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else f"Triton norms need a CUDA GPU and none is visible; {_FALLBACK}"
+    if device_type == "cpu":
+        if triton_ops.INTERPRETED:
+            return None
+        hint = " before anything imports triton" if os.environ.get("TRITON_INTERPRET") == "1" else ""
+        return (f"Triton norms need a CUDA GPU; on CPU set TRITON_INTERPRET=1{hint} (slow, for testing) "
+                f"or {_FALLBACK}")
+    return f"Triton norms run on CUDA GPUs, not {device_type!r}; {_FALLBACK}"
+
+
+def _unavailable(x: torch.Tensor) -> RuntimeError:
+    return RuntimeError(triton_unavailable_reason(x.device.type) or "Triton norms are unavailable")
+
+
+class TritonLayerNorm(nn.Module):
+    """LayerNorm over the last dim of size `dim` with our Triton kernels (see triton_kernels.py)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.normalized_shape = (dim,)
+        self.eps = eps
+        self.elementwise_affine = affine
+        factory = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.ones(dim, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim, **factory)) if affine and bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_ops is None:
+            raise _unavailable(x)
+        return triton_ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+                f"bias={self.bias is not None}")
+
+
+class TritonRMSNorm(nn.Module):
+    """RMSNorm over the last dim of size `dim` with our Triton kernels (see triton_kernels.py)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.normalized_shape = (dim,)
+        self.eps = eps
+        self.elementwise_affine = affine
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_ops is None:
+            raise _unavailable(x)
+        return triton_ops.rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
