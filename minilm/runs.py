@@ -1,0 +1,142 @@
+"""What finished runs left behind, read back as one record type: the input of reproduce and report.
+
+A source is one of
+    run dir       a Hydra run dir: config.yaml (resolved), environment.json, metrics.jsonl, summary.json
+    W&B run dir   <run dir>/wandb/offline-run-*/ or run-*/: its files/ hold the run dir's config and
+                  environment (tracking.WANDB_*_FILE); its history is read from the run dir around it
+    W&B run path  entity/project/run_id (or a project's runs, filtered by group), through the W&B API
+
+Every W&B API call goes through `wandb_api()`, the one seam tests replace.
+"""
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from minilm.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, read_metrics
+
+
+class SourceError(ValueError):
+    """A source that cannot be read; the message says what was expected."""
+
+
+@dataclass
+class RunRecord:
+    name: str                         # the run dir, or the W&B run path
+    config: dict                      # the resolved config the run trained with
+    environment: dict = field(default_factory=dict)  # environment.json ({} when not recorded)
+    rows: list[dict] | None = None    # metrics rows ({"step": ..., name: value}); None when not available
+    summary: dict = field(default_factory=dict)
+
+    def series(self, metric: str) -> dict[int, float]:
+        """{step: value} of one metric; non-finite values (logged as "nan", "inf") become floats."""
+        return {row["step"]: float(row[metric]) for row in self.rows or () if row.get(metric) is not None}
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def load_run_dir(path: Path) -> RunRecord:
+    path = Path(path)
+    if not (path / "config.yaml").exists():
+        raise SourceError(f"{path} is not a run dir: it has no config.yaml")
+    rows = read_metrics(path) if (path / "metrics.jsonl").exists() else None
+    return RunRecord(str(path), yaml.safe_load((path / "config.yaml").read_text()),
+                     _json(path / "environment.json"), rows, _json(path / "summary.json"))
+
+
+def load_wandb_run_dir(path: Path) -> RunRecord:
+    """A local W&B run dir, offline or synced. Its losses come from the run dir it sits in, if any."""
+    path = Path(path).resolve()
+    files = path / "files"
+    if not (files / WANDB_CONFIG_FILE).exists():
+        raise SourceError(f"{path} is not a W&B run dir of this project: it has no files/{WANDB_CONFIG_FILE}")
+    run_dir = path.parent.parent  # <run dir>/wandb/<this>
+    rows = read_metrics(run_dir) if path.parent.name == "wandb" and (run_dir / "metrics.jsonl").exists() else None
+    summary = _json(run_dir / "summary.json") if rows is not None else _json(files / "wandb-summary.json")
+    return RunRecord(str(path), yaml.safe_load((files / WANDB_CONFIG_FILE).read_text()),
+                     _json(files / WANDB_ENVIRONMENT_FILE), rows, summary)
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Every run dir under `root` (itself included), in path order; W&B's own dirs are skipped."""
+    root = Path(root)
+    found = [p.parent for p in root.rglob("metrics.jsonl") if "wandb" not in p.relative_to(root).parts]
+    return sorted(p for p in found if (p / "config.yaml").exists())
+
+
+# ---------------------------------------------------------------- W&B API
+
+
+def wandb_api():
+    """The W&B public API client (needs network and credentials); tests replace this function."""
+    import wandb
+
+    return wandb.Api()
+
+
+def is_wandb_path(source: str, parts: int) -> bool:
+    """Whether `source` reads as a W&B path of `parts` components (entity/project[/run_id]), not a local path."""
+    pieces = source.split("/")
+    return not Path(source).exists() and len(pieces) == parts and all(pieces)
+
+
+def _download(run, name: str):
+    """A file saved in the W&B run, parsed (YAML or JSON), or None if the run has no such file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            run.file(name).download(root=tmp, replace=True)
+            text = (Path(tmp) / name).read_text()
+        except Exception:  # noqa: BLE001 - W&B raises several types for a missing file
+            return None
+    return yaml.safe_load(text)  # JSON is YAML
+
+
+def _history_rows(run) -> list[dict]:
+    rows = []
+    for entry in run.scan_history():
+        row = {"step": int(entry["_step"])}
+        for key, value in entry.items():
+            if key.startswith("_") or value is None:
+                continue
+            row[key] = str(value) if isinstance(value, float) and not math.isfinite(value) else value
+        rows.append(row)
+    return rows
+
+
+def load_wandb_run(run) -> RunRecord:
+    """A W&B API run: the resolved config the tracker saved (W&B's run.config if it is missing)."""
+    config = _download(run, WANDB_CONFIG_FILE) or dict(run.config)
+    environment = _download(run, WANDB_ENVIRONMENT_FILE) or {}
+    return RunRecord("/".join(run.path), config, environment, _history_rows(run), dict(run.summary))
+
+
+def fetch_wandb_run(path: str) -> RunRecord:
+    return load_wandb_run(wandb_api().run(path))
+
+
+def fetch_wandb_runs(project: str, group: str | None = None) -> list[RunRecord]:
+    """The runs of entity/project, or those whose W&B group matches the regular expression `group`."""
+    filters = {"group": {"$regex": group}} if group else {}
+    return [load_wandb_run(run) for run in wandb_api().runs(project, filters=filters)]
+
+
+# ---------------------------------------------------------------- one source
+
+
+def load_run(source: str) -> RunRecord:
+    """One run from a run dir, a local W&B run dir or a W&B run path entity/project/run_id."""
+    path = Path(source)
+    if (path / "config.yaml").exists():
+        return load_run_dir(path)
+    if (path / "files").is_dir():
+        return load_wandb_run_dir(path)
+    if is_wandb_path(source, 3):
+        return fetch_wandb_run(source)
+    raise SourceError(f"{source!r} is neither a run dir (with config.yaml), a W&B run dir (with files/) "
+                      f"nor a W&B run path entity/project/run_id")
