@@ -3,7 +3,7 @@
 import torch
 from omegaconf import OmegaConf
 
-from minilm.model import PLACEMENTS
+from minilm.model import INITS, PLACEMENTS
 from minilm.norms import NORM_KINDS, norm_unavailable_reason
 from minilm.precision import PRECISIONS
 
@@ -51,6 +51,7 @@ def validate(cfg) -> torch.device:
 
     m = cfg.model
     _choice("model.placement", m.placement, PLACEMENTS)
+    _choice("model.init", m.init, INITS)
     for key in ("n_layer", "n_head", "d_model", "block_size", "mlp_ratio"):
         _at_least(f"model.{key}", m[key], 1)
     _check(m.d_model % m.n_head == 0,
@@ -78,6 +79,10 @@ def validate(cfg) -> torch.device:
            "data=text needs data.files; pass paths or globs, e.g. data.files='[notes/*.txt]'")
     _at_least("data.vocab_size", d.vocab_size, 257)  # the 256 byte tokens + EOS
     _check(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction!r} is not valid; it must be in (0, 1)")
+    g = cfg.diagnostics
+    _at_least("diagnostics.interval", g.interval, 0)
+    _at_least("diagnostics.spike_window", g.spike_window, 1)
+    _at_least("diagnostics.spike_sigma", g.spike_sigma, 0, strict=True)
     _choice("logger", cfg.logger.backend, ("wandb", "none"))
     if cfg.logger.backend == "wandb":
         _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline"))

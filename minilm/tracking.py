@@ -58,8 +58,10 @@ class Tracker:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume_step is not None and self.metrics_path.exists():
             self._drop_rows_after(resume_step)
-        self._metrics_file = open(self.metrics_path, "a", buffering=1)
         self._summary: dict = {}
+        if resume_step is not None and (self.run_dir / "summary.json").exists():
+            self._summary = json.loads((self.run_dir / "summary.json").read_text())  # merged, not lost
+        self._metrics_file = open(self.metrics_path, "a", buffering=1)
         self.wandb_run = None
         if logger_cfg.backend == "wandb":
             self._start_wandb(logger_cfg, config, overrides, resume_id)
@@ -84,7 +86,9 @@ class Tracker:
             mode = "online" if wandb_credentials_configured() else "offline"
         kwargs = dict(
             project=logger_cfg.project, entity=logger_cfg.entity, name=logger_cfg.name or name,
-            group=logger_cfg.group or group, tags=list(logger_cfg.tags) + [o for o in overrides if "=" in o][:20],
+            group=logger_cfg.group or group,
+            # W&B refuses a run with any tag over 64 characters; such an override stays in the name and group
+            tags=list(logger_cfg.tags) + [o for o in overrides if "=" in o and len(o) <= 64][:20],
             config=config, dir=str(self.run_dir), id=resume_id, resume="allow" if resume_id else None,
             settings=wandb.Settings(console="off", init_timeout=60, silent=True),
         )

@@ -10,6 +10,7 @@ Distributed data parallel: launched with torchrun, each rank trains on its own
 disjoint slice of every global batch; rank 0 alone logs and writes checkpoints.
 """
 
+import gc
 import json
 import logging
 import math
@@ -28,6 +29,8 @@ from tqdm import tqdm
 from minilm import checkpoint
 from minilm.config import validate
 from minilm.data import BatchSampler, eval_batches, prepare_data
+from minilm.diagnostics import Diagnostics, peak_memory_mb
+from minilm.forensics import Forensics
 from minilm.model import GPT, ModelConfig, lm_loss
 from minilm.precision import Precision
 from minilm.repro import environment_record, rng_state, seed_everything, set_deterministic, set_rng_state
@@ -42,7 +45,7 @@ def model_config(cfg, vocab_size: int) -> ModelConfig:
     return ModelConfig(
         vocab_size=vocab_size, n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model,
         block_size=m.block_size, mlp_ratio=m.mlp_ratio, dropout=m.dropout, bias=m.bias,
-        tie_embeddings=m.tie_embeddings, placement=m.placement, qk_norm=m.qk_norm,
+        tie_embeddings=m.tie_embeddings, placement=m.placement, init=m.init, qk_norm=m.qk_norm,
         norm_kind=cfg.norm.kind, norm_eps=cfg.norm.eps, norm_affine=cfg.norm.affine,
     )
 
@@ -78,6 +81,10 @@ class Trainer:
         set_deterministic(cfg.deterministic)  # before CUDA initializes
         self.rank, self.world_size = self._init_distributed()
         self.is_main = self.rank == 0
+        if self.world_size > 1:  # ranks may disagree on a timestamped dir: rank 0's is the run's
+            shared = [str(self.run_dir)]
+            dist.broadcast_object_list(shared, src=0)
+            self.run_dir = Path(shared[0])
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
         seed_everything(cfg.seed)  # identical model init on every rank
@@ -92,6 +99,9 @@ class Trainer:
         self.val_batches = eval_batches(self.data.val, cfg.model.block_size, cfg.train.batch_size,
                                         cfg.train.eval_batches)
         self.train_model = self._wrap_model()
+        self.diagnostics = Diagnostics(self.model, self.precision, cfg.diagnostics, enabled=self.is_main)
+        self.forensics = Forensics(self.model, self.optimizer, self.precision, cfg, self.run_dir, self.device,
+                                   self.rank, self.world_size, log=log.error)
         self.step = 0
         self.skipped_steps = 0
         self.diverged_at = None
@@ -143,7 +153,7 @@ class Trainer:
         if self.world_size > 1:
             model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.cfg.train.compile:
-            model = torch.compile(model)
+            model = torch.compile(model, backend=self.cfg.train.compile_backend)
         return model
 
     def _resume_source(self) -> Path | None:
@@ -176,6 +186,7 @@ class Trainer:
             "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.state_dict(), "sampler": self.sampler.state_dict(), "rng": rngs,
             "skipped_steps": self.skipped_steps, "wandb_id": self.tracker.wandb_id if self.tracker else None,
+            "diagnostics": self.diagnostics.state_dict(),
             "data_fingerprint": self.data.fingerprint, "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
@@ -188,6 +199,7 @@ class Trainer:
         self.precision.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        self.diagnostics.load_state_dict(state.get("diagnostics"))
         rngs = state["rng"]
         set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
 
@@ -210,23 +222,39 @@ class Trainer:
             group["lr"] = lr
         accum = cfg.train.grad_accum
         ce_total = torch.zeros((), device=self.device)
+        z_total = torch.zeros((), device=self.device)
+        step = self.step + 1  # as logged
+        sampled = self.diagnostics.sampled(step)
+        self.forensics.begin_step(step)
         anomaly = torch.autograd.detect_anomaly() if cfg.detect_anomaly else nullcontext()
         for micro in range(accum):
             x, y = self._to_device(self.sampler.next_batch())
+            self.forensics.add_batch(x, y)
+            if sampled and micro == 0:
+                self.diagnostics.observe_forward(step, x)
             last = micro == accum - 1
             no_sync = self.train_model.no_sync() if self.world_size > 1 and not last else nullcontext()
             with no_sync, anomaly:
                 with self.precision.autocast():
                     logits = self.train_model(x)
-                loss, ce, _ = lm_loss(logits, y, cfg.optim.z_loss)
+                loss, ce, z_term = lm_loss(logits, y, cfg.optim.z_loss)
                 self.precision.backward(loss / accum)
             ce_total += ce.detach()
+            z_total += z_term.detach()
+        self.forensics.check()  # the previous step's, now that this one is queued and before the weights move
         self.precision.unscale_(self.optimizer)
+        if sampled:
+            self.diagnostics.observe_gradients(step)
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.precision.step(self.optimizer, grad_norm)
+        if sampled:
+            self.diagnostics.observe_update(step)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.forensics.end_step(ce_total / accum, grad_norm.detach())
+        if cfg.optim.z_loss:
+            self.diagnostics.record(step, {"train/z_loss": z_total / accum})
         return ce_total / accum, grad_norm.detach()
 
     @torch.no_grad()
@@ -248,12 +276,14 @@ class Trainer:
 
     def _flush(self, pending: list, first_step: int, window_start: float) -> None:
         """Fetch the pending per-step metrics in one host sync, log them, check for divergence."""
+        self.forensics.check()
         values = torch.stack([torch.stack(pair) for pair in pending])
         if self.world_size > 1:  # losses are per-rank means: average them; grad norms already agree
             losses = values[:, 0].contiguous()
             dist.all_reduce(losses)
             values[:, 0] = losses / self.world_size
         rows = values.tolist()
+        diag_rows = self.diagnostics.collect()  # right after that sync: nothing left to wait for
         elapsed = time.perf_counter() - window_start
         tokens = len(rows) * self.cfg.train.batch_size * self.cfg.train.grad_accum * self.cfg.model.block_size
         clip = self.cfg.train.grad_clip
@@ -261,13 +291,17 @@ class Trainer:
             step = first_step + i + 1
             metrics = {"train/loss": loss, "optim/grad_norm": grad_norm,
                        "optim/lr": lr_at(step - 1, self.cfg.optim, self.cfg.train.max_steps),
-                       "optim/clipped": int(clip > 0 and math.isfinite(grad_norm) and grad_norm > clip)}
+                       "optim/clipped": int(clip > 0 and math.isfinite(grad_norm) and grad_norm > clip),
+                       **diag_rows.get(step, {})}
+            self.diagnostics.on_logged(metrics)
             if self.precision.uses_scaler:
                 self.skipped_steps += int(not math.isfinite(grad_norm))
                 metrics["amp/skipped_steps"] = self.skipped_steps
             if i == len(rows) - 1:
                 metrics["perf/tokens_per_s"] = tokens * self.world_size / elapsed
                 metrics["perf/step_time_ms"] = 1000 * elapsed / len(rows)
+                metrics["perf/peak_mem_mb"] = peak_memory_mb(self.device)
+                metrics.update(self.diagnostics.running_metrics())
                 if self.precision.uses_scaler:
                     metrics["amp/scale"] = self.precision.scale()
             if self.tracker:
@@ -281,6 +315,9 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg.train
+        if self.step >= cfg.max_steps > 0:  # re-entered a finished run dir: keep its results
+            log.info(f"this run already reached train.max_steps={cfg.max_steps}; nothing left to train")
+            return self._finish("completed", self.evaluate())
         handlers = {}
         for sig in PREEMPTION_SIGNALS:
             try:
@@ -340,6 +377,7 @@ class Trainer:
         if outcome == "diverged":
             self.save_checkpoint("diverged.pt")
         summary.update({f"last_healthy/{k}": v for k, v in self.last_healthy.items()})
+        summary.update({**self.diagnostics.running_metrics(), **self.forensics.summary()})
         if self.is_main:
             if outcome == "completed" and self.cfg.train.sample_tokens:
                 summary["sample"] = self.sample()
@@ -362,8 +400,13 @@ class Trainer:
 def train(cfg, run_dir: Path, overrides: list[str] = ()) -> dict:
     """Train one run in `run_dir`; returns its summary."""
     trainer = Trainer(cfg, run_dir, overrides)
+    distributed = trainer.world_size > 1
     try:
         return trainer.fit()
     finally:
-        if trainer.world_size > 1 and dist.is_initialized():
+        # DDP's reducer holds the process group: destroying the group while the reducer is
+        # alive makes its later destructor wait forever on gloo's threads.
+        del trainer
+        gc.collect()
+        if distributed and dist.is_initialized():
             dist.destroy_process_group()

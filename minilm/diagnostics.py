@@ -1,0 +1,266 @@
+"""Stability diagnostics: what a run logs so that an instability can be explained.
+
+Sampled metrics (step 1 and every `diagnostics.interval` steps), observed and never perturbed:
+
+1. `observe_forward`, before the step's own forward: the eager model runs once more on the
+   step's first micro-batch, under no_grad, the same autocast and a forked RNG (dropout draws
+   the masks the training forward will draw; the training stream is left untouched). Forward
+   hooks read the activations; attention logits are recomputed in fp32 from each attention
+   input with `CausalSelfAttention.project_qkv`. A separate pass rather than hooks on the
+   training forward keeps the training graph as it is and works alike under torch.compile
+   (whose graphs ignore hooks added later) and DDP.
+2. `observe_gradients`, after backward and unscaling, before clipping: gradient and parameter
+   RMS per parameter group; the parameters are snapshotted for (3).
+3. `observe_update`, after the optimizer step: update-to-weight ratio per group.
+
+Every value stays a device tensor until the trainer's next metrics flush fetches them all at
+once (`collect`), so sampling adds compute but no host synchronization.
+
+Per-step host bookkeeping over the logged values, always on (no device work): the loss and
+grad-norm spike scores and the clip fraction. Metric names are listed in README.md (METRICS).
+"""
+
+import math
+import resource
+import sys
+from collections import deque
+
+import torch
+from torch import nn
+
+FP16_MAX = torch.finfo(torch.float16).max  # 65504
+_TOP_LEVEL_GROUPS = {"tok_emb": "embed", "pos_emb": "embed", "lm_head": "head", "norm_f": "final_norm"}
+_ATTN_CHUNK_ELEMENTS = 2**26  # bound the fp32 (batch, head, T, T) logits held at once
+
+
+def param_group(name: str) -> str:
+    """A parameter's diagnostics group: L{i}.attn, L{i}.mlp, L{i}.norm (every norm gain and bias of
+    block i, the qk-norms included), embed (token + position), head (an untied LM head), final_norm."""
+    parts = name.split(".")
+    if parts[0] == "blocks":
+        kind = "norm" if any("norm" in part for part in parts[2:-1]) else parts[2]
+        return f"L{parts[1]}.{kind}"
+    return _TOP_LEVEL_GROUPS.get(parts[0], parts[0])
+
+
+def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every norm layer, by qualified name (blocks.0.norm_attn, blocks.0.attn.q_norm, norm_f, ...)."""
+    return [(name, m) for name, m in model.named_modules()
+            if "norm" in name.rsplit(".", 1)[-1] and not isinstance(m, nn.Identity)]
+
+
+def rms(t: torch.Tensor) -> torch.Tensor:
+    return t.float().pow(2).mean().sqrt()
+
+
+def group_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of a list of tensors taken as one vector, in fp32."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+
+
+def beyond_fp16(t: torch.Tensor, absolute: torch.Tensor | None = None) -> torch.Tensor:
+    """How many elements of `t` an fp16 tensor could not hold: |x| > 65504, inf or nan."""
+    absolute = t.abs() if absolute is None else absolute
+    return t.numel() - torch.count_nonzero(absolute <= FP16_MAX)  # nan compares false
+
+
+def attention_stats(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max causal logit q.k/sqrt(d_head), mean softmax entropy in nats) for q, k of shape (B, H, T, d_head)."""
+    B, H, T, d = q.shape
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    chunk = max(1, _ATTN_CHUNK_ELEMENTS // (H * T * T))
+    maxima, entropy = [], torch.zeros((), device=q.device)
+    for qc, kc in zip(q.split(chunk), k.split(chunk)):
+        logits = (qc @ kc.transpose(-1, -2) / math.sqrt(d)).masked_fill(future, float("-inf"))
+        maxima.append(logits.amax())
+        p = torch.softmax(logits, dim=-1)
+        entropy -= torch.special.xlogy(p, p).sum()  # xlogy(0, 0) = 0 on the masked entries
+    return torch.stack(maxima).amax(), entropy / (B * H * T)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA memory allocated by tensors, or the CPU process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+class SpikeScore:
+    """The fraction of steps at least `sigma` standard deviations from the mean of the `window`
+    finite values before them. Non-finite values are neither scored nor windowed: divergence and
+    amp/skipped_steps count those."""
+
+    def __init__(self, window: int, sigma: float):
+        self.values: deque = deque(maxlen=window)
+        self.sigma = sigma
+        self.spikes = self.scored = 0
+
+    def update(self, value: float) -> None:
+        if not math.isfinite(value):
+            return
+        if len(self.values) == self.values.maxlen:
+            mean = sum(self.values) / len(self.values)
+            std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / len(self.values))  # mean first
+            deviation = abs(value - mean)
+            self.scored += 1
+            self.spikes += deviation > 0 and deviation >= self.sigma * std
+        self.values.append(value)
+
+    @property
+    def score(self) -> float | None:
+        return self.spikes / self.scored if self.scored else None
+
+    def state_dict(self) -> dict:
+        return {"values": list(self.values), "spikes": self.spikes, "scored": self.scored}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values.clear()
+        self.values.extend(state["values"])
+        self.spikes, self.scored = state["spikes"], state["scored"]
+
+
+class Diagnostics:
+    def __init__(self, model: nn.Module, precision, diag_cfg, enabled: bool = True):
+        self.model, self.precision = model, precision
+        self.interval = diag_cfg.interval if enabled else 0
+        self.groups: dict[str, list[nn.Parameter]] = {}
+        for name, p in model.named_parameters():  # tied weights appear once
+            self.groups.setdefault(param_group(name), []).append(p)
+        self.norms = norm_modules(model)
+        # the logits (lm_head's output) are counted with the other logit statistics, sharing |z|
+        self.leaves = [m for m in model.modules() if next(m.children(), None) is None
+                       and not isinstance(m, (nn.Dropout, nn.Identity)) and m is not model.lm_head]
+        self.pending: dict[int, dict[str, torch.Tensor]] = {}
+        self.loss_spikes = SpikeScore(diag_cfg.spike_window, diag_cfg.spike_sigma)
+        self.grad_norm_spikes = SpikeScore(diag_cfg.spike_window, diag_cfg.spike_sigma)
+        self.clipped = self.clip_counted = 0
+        self._params_before: list[torch.Tensor] | None = None
+
+    def sampled(self, step: int) -> bool:
+        """Whether step `step` (1-based, as logged) samples the diag/* metrics."""
+        return self.interval > 0 and (step == 1 or step % self.interval == 0)
+
+    def record(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
+        """Keep device scalars for `step` until the next `collect`."""
+        self.pending.setdefault(step, {}).update(metrics)
+
+    def collect(self) -> dict[int, dict[str, float]]:
+        """Every recorded value as floats, {step: {name: value}}, fetched in one host sync."""
+        if not self.pending:
+            return {}
+        keys = [(step, name) for step, metrics in self.pending.items() for name in metrics]
+        values = torch.stack([self.pending[step][name].float() for step, name in keys]).tolist()
+        self.pending = {}
+        rows: dict[int, dict[str, float]] = {}
+        for (step, name), value in zip(keys, values):
+            rows.setdefault(step, {})[name] = value
+        return rows
+
+    # ------------------------------------------------------------ sampled steps
+    @torch.no_grad()
+    def observe_forward(self, step: int, x: torch.Tensor) -> None:
+        """Activation statistics of the model on the batch `x` the step is about to train on."""
+        stats: dict[str, torch.Tensor] = {}
+        attn_inputs: dict[int, torch.Tensor] = {}
+        overflow: list[torch.Tensor] = []
+
+        def count_overflow(_module, _args, out):
+            overflow.append(beyond_fp16(out))
+
+        def keep_attn_input(i):
+            def hook(_module, args):
+                attn_inputs[i] = args[0]
+            return hook
+
+        def residual(i):
+            def hook(_module, _args, out):
+                stats[f"diag/resid_rms/L{i}"] = rms(out)
+                overflow.append(beyond_fp16(out))
+            return hook
+
+        def norm_input(name):
+            def hook(_module, args):
+                stats[f"diag/norm_in_absmax/{name}"] = args[0].abs().amax().float()
+            return hook
+
+        handles = [m.register_forward_hook(count_overflow) for m in self.leaves]
+        for i, block in enumerate(self.model.blocks):
+            handles += [block.attn.register_forward_pre_hook(keep_attn_input(i)),
+                        block.register_forward_hook(residual(i))]
+        handles += [norm.register_forward_pre_hook(norm_input(name)) for name, norm in self.norms]
+        devices = [x.device] if x.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), self.precision.autocast():
+                logits = self.model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        for i, h in attn_inputs.items():  # hooks are off: recomputing q, k triggers none of them
+            with torch.autocast(x.device.type, enabled=False):
+                q, k, _ = self.model.blocks[i].attn.project_qkv(h.float())
+            stats[f"diag/attn_logit_max/L{i}"], stats[f"diag/attn_entropy/L{i}"] = attention_stats(q, k)
+            stats[f"diag/q_rms/L{i}"], stats[f"diag/k_rms/L{i}"] = rms(q), rms(k)
+        z = logits.float()
+        z_abs, log_z = z.abs(), torch.logsumexp(z, dim=-1)
+        overflow.append(beyond_fp16(logits, z_abs))
+        stats.update({"diag/logits_mean": z.mean(), "diag/logits_absmax": z_abs.amax(),
+                      "diag/logz_mean": log_z.mean(), "diag/logz_std": log_z.std(correction=0),
+                      "amp/overflow_activations": torch.stack(overflow).sum()})
+        self.record(step, stats)
+
+    @torch.no_grad()
+    def observe_gradients(self, step: int) -> None:
+        """Per-group gradient RMS (unscaled, before clipping) and parameter RMS; snapshot the parameters."""
+        stats = {}
+        for group, params in self.groups.items():
+            root_n = math.sqrt(sum(p.numel() for p in params))
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                stats[f"diag/grad_rms/{group}"] = group_norm(grads) / root_n
+            stats[f"diag/param_rms/{group}"] = group_norm(params) / root_n
+        self._params_before = [p.detach().clone() for params in self.groups.values() for p in params]
+        self.record(step, stats)
+
+    @torch.no_grad()
+    def observe_update(self, step: int) -> None:
+        """Per-group ||w_after - w_before|| / ||w_before|| (0 when the step was skipped)."""
+        before = iter(self._params_before)
+        stats = {}
+        for group, params in self.groups.items():
+            old = [next(before) for _ in params]
+            stats[f"diag/update_ratio/{group}"] = (group_norm([p - o for p, o in zip(params, old)])
+                                                   / group_norm(old))
+        self._params_before = None
+        self.record(step, stats)
+
+    # ------------------------------------------------------------ every logged step (host side)
+    def on_logged(self, metrics: dict) -> None:
+        """Update the spike scores and clip fraction with one step's logged values."""
+        self.loss_spikes.update(metrics["train/loss"])
+        grad_norm = metrics["optim/grad_norm"]
+        self.grad_norm_spikes.update(grad_norm)
+        if math.isfinite(grad_norm):
+            self.clip_counted += 1
+            self.clipped += metrics["optim/clipped"]
+
+    def running_metrics(self) -> dict[str, float]:
+        """The scores over every step logged so far."""
+        metrics = {"optim/clip_fraction": self.clipped / max(1, self.clip_counted)}
+        for name, spikes in (("diag/loss_spike_score", self.loss_spikes),
+                             ("diag/grad_norm_spike_score", self.grad_norm_spikes)):
+            if spikes.score is not None:
+                metrics[name] = spikes.score
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"loss_spikes": self.loss_spikes.state_dict(), "grad_norm_spikes": self.grad_norm_spikes.state_dict(),
+                "clipped": self.clipped, "clip_counted": self.clip_counted}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if not state:
+            return
+        self.loss_spikes.load_state_dict(state["loss_spikes"])
+        self.grad_norm_spikes.load_state_dict(state["grad_norm_spikes"])
+        self.clipped, self.clip_counted = state["clipped"], state["clip_counted"]

@@ -1,0 +1,284 @@
+"""Stability diagnostics against independent float64 computations; divergence; the mitigation knobs."""
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minilm.cli import compose, preflight
+from minilm.config import validate
+from minilm.diagnostics import SpikeScore, beyond_fp16, param_group
+from minilm.model import GPT, ModelConfig, lm_loss
+from minilm.norms import NORM_KINDS, norm_unavailable_reason
+from minilm.trainer import Trainer
+from minilm.tracking import read_metrics
+from tests.helpers import losses, run_training, with_tiny
+
+N_LAYER = 2  # TINY's
+
+
+def make_trainer(overrides, run_dir):
+    return Trainer(compose(with_tiny(["optim.warmup_steps=0", *overrides])), run_dir)
+
+
+def peek_batch(trainer):
+    """The batch the next step will train on, leaving the sampler where it was."""
+    state = dict(trainer.sampler.state_dict())
+    batch = trainer.sampler.next_batch()
+    trainer.sampler.load_state_dict(state)
+    return batch
+
+
+def close(value, reference, rel=1e-4):
+    return float(value) == pytest.approx(float(reference), rel=rel, abs=1e-6)
+
+
+@torch.no_grad()
+def reference_activation_stats(model, x) -> dict:
+    """The activation diag/* metrics in float64: attention by hand with einsum, the rest from captured tensors."""
+    ref = copy.deepcopy(model).double()
+    attn_in, block_out, norm_in = {}, {}, {}
+    hooks = [b.attn.register_forward_pre_hook(lambda _m, a, i=i: attn_in.__setitem__(i, a[0]))
+             for i, b in enumerate(ref.blocks)]
+    hooks += [b.register_forward_hook(lambda _m, _a, out, i=i: block_out.__setitem__(i, out))
+              for i, b in enumerate(ref.blocks)]
+    hooks += [m.register_forward_pre_hook(lambda _m, a, name=name: norm_in.__setitem__(name, a[0]))
+              for name, m in ref.named_modules() if name.rsplit(".", 1)[-1].startswith("norm")]
+    z = ref(x)
+    for hook in hooks:
+        hook.remove()
+    stats = {}
+    for i, block in enumerate(ref.blocks):
+        h = attn_in[i]
+        B, T, C = h.shape
+        H = block.attn.n_head
+        q, k, _ = F.linear(h, block.attn.qkv.weight, block.attn.qkv.bias).split(C, dim=2)
+        q, k = q.reshape(B, T, H, C // H), k.reshape(B, T, H, C // H)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(C // H)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        p = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)[..., causal]
+        stats[f"diag/attn_logit_max/L{i}"] = scores[..., causal].max()
+        stats[f"diag/attn_entropy/L{i}"] = -(p * p.log()).sum() / (B * H * T)
+        stats[f"diag/q_rms/L{i}"], stats[f"diag/k_rms/L{i}"] = q.pow(2).mean().sqrt(), k.pow(2).mean().sqrt()
+        stats[f"diag/resid_rms/L{i}"] = block_out[i].pow(2).mean().sqrt()
+    for name, t in norm_in.items():
+        stats[f"diag/norm_in_absmax/{name}"] = t.abs().max()
+    top = z.max(dim=-1, keepdim=True).values
+    log_z = (top + (z - top).exp().sum(dim=-1, keepdim=True).log()).squeeze(-1)
+    stats.update({"diag/logits_mean": z.mean(), "diag/logits_absmax": z.abs().max(),
+                  "diag/logz_mean": log_z.mean(), "diag/logz_std": (log_z - log_z.mean()).pow(2).mean().sqrt()})
+    return stats
+
+
+def test_activation_diagnostics_match_a_float64_reference(tmp_path):
+    trainer = make_trainer([], tmp_path)
+    x, _ = peek_batch(trainer)
+    trainer.diagnostics.observe_forward(1, x)
+    got = trainer.diagnostics.collect()[1]
+    expected = reference_activation_stats(trainer.model, x)
+    documented = {f"diag/{m}/L{i}" for m in ("attn_logit_max", "attn_entropy", "q_rms", "k_rms", "resid_rms")
+                  for i in range(N_LAYER)}
+    documented |= {f"diag/norm_in_absmax/blocks.{i}.{n}" for i in range(N_LAYER) for n in ("norm_attn", "norm_mlp")}
+    documented |= {"diag/norm_in_absmax/norm_f", "diag/logits_mean", "diag/logits_absmax", "diag/logz_mean",
+                   "diag/logz_std", "amp/overflow_activations"}
+    assert set(got) == documented == set(expected) | {"amp/overflow_activations"}
+    for name, reference in expected.items():
+        assert close(got[name], reference), (name, got[name], float(reference))
+    assert got["amp/overflow_activations"] == 0
+    assert got["diag/q_rms/L0"] < 0.5  # no qk-norm: queries are small at init (compare the qk-norm test)
+
+
+def test_overflow_count_is_what_fp16_could_not_hold(tmp_path):
+    assert beyond_fp16(torch.tensor([1.0, 65504.0, -65504.0, 65520.0, -7e4, float("inf"), float("nan")])) == 4
+    trainer = make_trainer([], tmp_path)
+    x, _ = peek_batch(trainer)
+    trainer.model.pos_emb.weight.data[5, 0] = 1e5  # rides the residual stream through every block
+    trainer.diagnostics.observe_forward(1, x)
+    got = trainer.diagnostics.collect()[1]
+    # the position embedding's output once, then every block's output at (b, 5, 0); the norms shrink it elsewhere
+    assert got["amp/overflow_activations"] == 1 + x.shape[0] * N_LAYER
+    assert got["diag/norm_in_absmax/blocks.0.norm_attn"] == pytest.approx(1e5, rel=1e-3)
+
+
+def test_param_groups_mean_something():
+    assert [param_group(n) for n in ("tok_emb.weight", "pos_emb.weight", "lm_head.weight", "norm_f.weight",
+                                     "blocks.3.attn.qkv.weight", "blocks.3.attn.proj.bias", "blocks.3.mlp.fc.weight",
+                                     "blocks.3.norm_mlp.bias", "blocks.3.norm_attn_out.weight",
+                                     "blocks.3.attn.q_norm.weight")] == [
+        "embed", "embed", "head", "final_norm", "L3.attn", "L3.attn", "L3.mlp", "L3.norm", "L3.norm", "L3.norm"]
+
+
+def test_gradient_and_update_diagnostics_match_a_float64_reference(tmp_path):
+    trainer = make_trainer(["diagnostics.interval=1"], tmp_path)
+    params = dict(trainer.model.named_parameters())
+    grads = {}
+    for name, p in params.items():  # the full (pre-clip) gradient: one micro-batch, fp32
+        p.register_hook(lambda g, name=name: grads.__setitem__(name, g.detach().double().clone()))
+    before = {name: p.detach().double().clone() for name, p in params.items()}
+    _, grad_norm = trainer.train_step()
+    assert grad_norm > 1.0  # clipped, so the pre-clip gradient is the one to log
+    got = trainer.diagnostics.collect()[1]
+    groups = {}
+    for name in params:
+        groups.setdefault(param_group(name), []).append(name)
+    per_block = {f"L{i}.{k}" for i in range(N_LAYER) for k in ("attn", "mlp", "norm")}
+    assert set(groups) == {"embed", "final_norm"} | per_block
+
+    def norm(tensors):
+        return math.sqrt(sum(float(t.pow(2).sum()) for t in tensors))
+
+    for group, names in groups.items():
+        root_n = math.sqrt(sum(before[n].numel() for n in names))
+        delta = [params[n].detach().double() - before[n] for n in names]
+        assert close(got[f"diag/grad_rms/{group}"], norm(grads[n] for n in names) / root_n), group
+        assert close(got[f"diag/param_rms/{group}"], norm(before[n] for n in names) / root_n), group
+        assert close(got[f"diag/update_ratio/{group}"], norm(delta) / norm(before[n] for n in names), 1e-3), group
+
+
+def reference_spike_score(values, window, sigma):
+    finite = np.array([v for v in values if math.isfinite(v)], dtype=np.float64)
+    flags = [abs(finite[i] - finite[i - window:i].mean()) >= sigma * finite[i - window:i].std()
+             for i in range(window, len(finite))]
+    return float(np.mean(flags))
+
+
+def test_spike_score_counts_points_far_from_the_previous_window():
+    values = list(np.random.default_rng(0).normal(size=40))
+    values[30] += 50.0
+    values[35] = float("nan")  # neither scored nor windowed
+    score = SpikeScore(window=10, sigma=7)
+    for v in values:
+        score.update(v)
+    assert score.score == pytest.approx(reference_spike_score(values, 10, 7)) == pytest.approx(1 / 29)
+
+
+def test_healthy_run_logs_scores_and_does_not_diverge(tmp_path):
+    trainer = make_trainer(["train.max_steps=11", "train.log_interval=4", "diagnostics.interval=5",
+                            "diagnostics.spike_window=4", "diagnostics.spike_sigma=1.5"], tmp_path)
+    summary = trainer.fit()
+    assert not summary["diverged"] and summary["diverged_at_step"] is None and summary["outcome"] == "completed"
+    rows = [r for r in read_metrics(tmp_path) if "train/loss" in r]
+    assert [r["step"] for r in rows if "diag/attn_logit_max/L0" in r] == [1, 5, 10]
+    last = rows[-1]
+    assert last["optim/clip_fraction"] == pytest.approx(np.mean([r["optim/clipped"] for r in rows]))
+    assert last["diag/loss_spike_score"] == pytest.approx(reference_spike_score(losses(rows), 4, 1.5))
+    assert last["diag/grad_norm_spike_score"] == pytest.approx(
+        reference_spike_score([r["optim/grad_norm"] for r in rows], 4, 1.5))
+    assert last["perf/peak_mem_mb"] > 0 and summary["optim/clip_fraction"] == last["optim/clip_fraction"]
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_divergence_fires_on_a_learning_rate_that_certainly_diverges(stop, tmp_path):
+    trainer = make_trainer(["optim.lr=10", "train.max_steps=4", f"train.stop_on_divergence={stop}"], tmp_path)
+    summary = trainer.fit()
+    assert summary["diverged"] and 1 < summary["diverged_at_step"] <= 3  # step 1 runs at the init loss
+    assert summary["outcome"] == ("diverged" if stop else "completed")
+    assert summary["step"] == (summary["diverged_at_step"] if stop else 4)
+    assert summary["last_healthy/step"] == summary["diverged_at_step"] - 1
+    assert summary["last_healthy/train/loss"] <= math.log(512) + 0.5
+    assert json.loads((tmp_path / "summary.json").read_text())["diverged"]
+    assert (tmp_path / "checkpoints" / "diverged.pt").exists() == stop
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_diagnostics_observe_without_perturbing(precision, tmp_path):
+    common = ["deterministic=true", "model.dropout=0.1", f"precision={precision}", "train.max_steps=3",
+              "train.grad_accum=2"]
+    off = run_training(common + ["diagnostics=off"], tmp_path / "off")
+    on = run_training(common + ["diagnostics.interval=1", "diagnostics.activation_hooks=true"], tmp_path / "on")
+    assert losses(on) == losses(off) and len(losses(on)) == 3
+    assert [r["optim/grad_norm"] for r in on if "train/loss" in r] == [r["optim/grad_norm"] for r in off
+                                                                       if "train/loss" in r]
+    assert all("diag/attn_entropy/L1" in r for r in on if "train/loss" in r)
+    assert not any(k.startswith("diag/attn") for r in off for k in r)
+
+
+def test_z_loss_is_logz_squared_and_in_the_gradient():
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 5, 11, generator=generator, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, 11, (2, 5), generator=generator)
+    coefficient = 0.01
+    loss, ce, z_term = lm_loss(logits, targets, coefficient)
+    loss_value, ce, z_term = loss.detach(), ce.detach(), z_term.detach()
+    top = logits.detach().max(dim=-1, keepdim=True).values
+    log_z = (top + (logits.detach() - top).exp().sum(dim=-1, keepdim=True).log()).squeeze(-1)
+    assert close(z_term, coefficient * log_z.pow(2).mean(), 1e-5)
+    assert close(loss_value, ce + z_term, 1e-6)
+    with_z, = torch.autograd.grad(loss, logits)
+    without_z, = torch.autograd.grad(lm_loss(logits, targets)[0], logits)
+    softmax = (logits.detach() - log_z.unsqueeze(-1)).exp()
+    analytic = coefficient * 2 * log_z.unsqueeze(-1) * softmax / log_z.numel()  # d(c * mean(logZ^2)) / dz
+    torch.testing.assert_close(with_z - without_z, analytic, rtol=1e-4, atol=1e-7)
+
+
+def test_z_loss_is_logged_apart_from_the_loss_and_pulls_logz_to_zero(tmp_path):
+    runs = {}
+    for coefficient in (0.0, 0.1):
+        trainer = make_trainer(["train.max_steps=6", "diagnostics.interval=6", "optim.lr=3e-2",
+                                f"optim.z_loss={coefficient}"], tmp_path / str(coefficient))
+        x, y = peek_batch(trainer)
+        with torch.no_grad():
+            z = copy.deepcopy(trainer.model).double()(x)
+        trainer.fit()
+        runs[coefficient] = rows = [r for r in read_metrics(tmp_path / str(coefficient)) if "train/loss" in r]
+        log_z = torch.logsumexp(z, dim=-1)
+        assert close(rows[0]["train/loss"], (log_z - z.gather(-1, y.unsqueeze(-1)).squeeze(-1)).mean())  # CE alone
+        if coefficient:
+            assert close(rows[0]["train/z_loss"], coefficient * log_z.pow(2).mean())
+        else:
+            assert "train/z_loss" not in rows[0]
+    # ln(512) = 6.2 at init; the z-loss term drives log Z towards 0, plain cross-entropy does not
+    assert runs[0.1][-1]["diag/logz_mean"] < runs[0.0][-1]["diag/logz_mean"] - 1.0
+
+
+@pytest.mark.parametrize("kind", NORM_KINDS)
+def test_qk_norm_and_sandwich_work_with_every_norm_kind(kind):
+    reason = norm_unavailable_reason(kind, "cpu")
+    if reason:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32, block_size=16, placement="sandwich",
+                      qk_norm=True, norm_kind=kind)
+    model = GPT(cfg)
+    idx = torch.randint(0, 64, (2, 16))
+    q, k, _ = model.blocks[0].attn.project_qkv(10 * torch.randn(2, 16, 32))  # variance >> eps
+    for t in (q, k):  # each head's query / key vector normalized (gains are 1 at init)
+        rms = t.pow(2).mean(dim=-1).sqrt()
+        torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-3, atol=1e-3)
+        if "layernorm" in kind:
+            torch.testing.assert_close(t.mean(dim=-1), torch.zeros_like(rms), rtol=0, atol=1e-5)
+    loss = lm_loss(model(idx), torch.randint(0, 64, (2, 16)), 1e-3)[0]
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    block = model.blocks[0].double()  # sandwich: x + norm_out(f(norm_in(x))), for both sublayers
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    h = x + block.norm_attn_out(block.attn(block.norm_attn(x)))
+    torch.testing.assert_close(block(x), h + block.norm_mlp_out(block.mlp(block.norm_mlp(h))))
+
+
+def test_qk_norm_bounds_the_logged_attention_logits(tmp_path):
+    trainer = make_trainer(["model.qk_norm=true", "diagnostics.interval=1"], tmp_path)
+    trainer.train_step()
+    got = trainer.diagnostics.collect()[1]
+    d_head = trainer.cfg.model.d_model // trainer.cfg.model.n_head
+    for i in range(N_LAYER):
+        assert got[f"diag/q_rms/L{i}"] == pytest.approx(1.0, abs=1e-3)
+        assert got[f"diag/k_rms/L{i}"] == pytest.approx(1.0, abs=1e-3)
+        assert got[f"diag/attn_logit_max/L{i}"] <= math.sqrt(d_head)  # |q.k| / sqrt(d) <= |q||k| / sqrt(d)
+    qk_norms = {f"diag/norm_in_absmax/blocks.{i}.attn.{n}" for i in range(N_LAYER) for n in ("q_norm", "k_norm")}
+    assert qk_norms <= set(got)
+
+
+def test_diagnostics_config_group():
+    off = compose(["diagnostics=off"])
+    validate(off)
+    assert off.diagnostics.interval == 0 and off.diagnostics.forensics is False
+    assert "diagnostics.spike_window=0" in preflight(["diagnostics.spike_window=0"])
+    cfg = compose([])
+    assert cfg.diagnostics.interval > 0 and cfg.diagnostics.spike_sigma == 7 and cfg.diagnostics.forensics is True
+    assert cfg.train.divergence_margin == 0.5
