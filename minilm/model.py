@@ -22,6 +22,7 @@ from torch import nn
 from minilm.norms import build_norm
 
 PLACEMENTS = ("pre", "post", "sandwich")
+INITS = ("gpt2", "xavier")
 
 
 @dataclass
@@ -36,6 +37,7 @@ class ModelConfig:
     bias: bool = True
     tie_embeddings: bool = True
     placement: str = "pre"
+    init: str = "gpt2"
     qk_norm: bool = False
     norm_kind: str = "layernorm"
     norm_eps: float = 1e-5
@@ -123,21 +125,30 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
-        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the
-        # residual stream's variance does not grow with depth at init.
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self._init_weights(cfg.init)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    def _init_weights(self, scheme: str) -> None:
+        """gpt2: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer) so the residual
+        stream's variance does not grow with depth. xavier: Xavier-normal linears and
+        N(0, 1/d_model) embeddings, the setting of Xiong et al. 2020's pre/post-norm analysis."""
+        def init(module: nn.Module) -> None:
+            if module is self.lm_head and self.cfg.tie_embeddings and scheme != "gpt2":
+                return  # it is the token embedding, initialized as one
+            if isinstance(module, nn.Linear):
+                if scheme == "xavier":
+                    nn.init.xavier_normal_(module.weight)
+                else:
+                    nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02 if scheme == "gpt2" else self.cfg.d_model**-0.5)
+
+        self.apply(init)  # children first, the order every seed's init has been drawn in
+        if scheme == "gpt2":
+            for name, p in self.named_parameters():
+                if name.endswith("proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
 
     def num_params(self) -> int:
         """Parameters, counting the tied head once and excluding position embeddings (as GPT-2 does)."""

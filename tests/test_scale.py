@@ -108,3 +108,14 @@ def test_sigusr1_also_checkpoints(tmp_path):
 
 def test_tiny_overrides_are_what_tests_assume():
     assert "logger=none" in TINY and "train.log_interval=1" in TINY
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "triton_rmsnorm"])
+def test_compiled_model_trains_like_eager(norm, tmp_path):
+    # aot_eager runs dynamo + AOT autograd (the custom ops' fake kernels included) without
+    # inductor's C++ code generation, which takes minutes on 2 CPU cores.
+    common = ["train.max_steps=2", "deterministic=true", f"norm={norm}", "model.n_layer=1"]
+    eager = losses(run_training(common, tmp_path / "eager"))
+    compiled = losses(run_training(common + ["train.compile=true", "train.compile_backend=aot_eager"],
+                                   tmp_path / "compiled"))
+    assert compiled == pytest.approx(eager, rel=1e-5)

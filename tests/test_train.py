@@ -135,3 +135,13 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 def test_detect_anomaly_mode_trains(tmp_path):
     rows = run_training(["detect_anomaly=true", "train.max_steps=2"], tmp_path)
     assert len(losses(rows)) == 2
+
+
+def test_rerunning_a_finished_run_keeps_its_results(tmp_path):
+    run_training(["train.max_steps=3", "train.eval_interval=0"], tmp_path)
+    first = json.loads((tmp_path / "summary.json").read_text())
+    rows = run_training(["train.max_steps=3", "train.eval_interval=0"], tmp_path)  # e.g. a resubmitted sweep
+    second = json.loads((tmp_path / "summary.json").read_text())
+    assert first["val/loss"] is not None and second["val/loss"] == first["val/loss"]
+    assert second["last_healthy/step"] == 3 and second["outcome"] == "completed"
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
