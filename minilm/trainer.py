@@ -387,7 +387,7 @@ class Trainer:
         return summary
 
     @torch.no_grad()
-    def sample(self, prompt: str = "def ") -> str:
+    def sample(self, prompt: str = "def") -> str:
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         idx = torch.tensor([self.data.encode(prompt)], device=self.device)
         self.model.eval()
