@@ -165,7 +165,15 @@ class Forensics:
     def end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         if self.current is None:
             return
-        self.current.update(loss=loss, grad_norm=grad_norm, flags=self.watch.take() if self.watch else [])
+        values = torch.stack([loss.float(), grad_norm.float()])
+        ready = None
+        if values.is_cuda:
+            # Copy to the host now and wait on this event later: the wait then covers only this
+            # step's work, not the next step's forward and backward queued behind it.
+            values = values.to("cpu", non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        self.current.update(values=values, ready=ready, flags=self.watch.take() if self.watch else [])
         self.completed, self.current = self.current, None
 
     def check(self) -> None:
@@ -173,7 +181,9 @@ class Forensics:
         record, self.completed = self.completed, None
         if record is None:
             return
-        loss, grad_norm = torch.stack([record["loss"], record["grad_norm"]]).tolist()
+        if record["ready"] is not None:
+            record["ready"].synchronize()
+        loss, grad_norm = record["values"].tolist()
         finite_grads = math.isfinite(grad_norm) or self.precision.uses_scaler
         if math.isfinite(loss) and finite_grads:
             return
