@@ -192,7 +192,7 @@ def _cache_problem(directory: Path, fingerprint: str) -> str | None:
 
 
 def _write_tokens(split_ds, path: Path, dtype, eos_id: int) -> int:
-    n_tokens = sum(len(ids) + 1 for ids in split_ds["ids"])
+    n_tokens = sum(split_ds["n_tokens"])  # a column of ints: the ids themselves stay on disk
     out = np.memmap(path, dtype=dtype, mode="w+", shape=(max(n_tokens, 1),))
     pos = 0
     for batch in split_ds.iter(batch_size=1000):
@@ -218,7 +218,8 @@ def _build_cache(corpus, data_cfg, fingerprint: str, directory: Path, log) -> No
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
 
     def encode(batch):
-        return {"ids": [e.ids for e in tokenizer.encode_batch(batch["text"])]}
+        ids = [e.ids for e in tokenizer.encode_batch(batch["text"])]
+        return {"ids": ids, "n_tokens": [len(i) + 1 for i in ids]}  # + 1: the EOS after each document
 
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=directory.parent))
     try:
