@@ -4,12 +4,12 @@ With `diagnostics.forensics=true` the trainer keeps, for each step in flight, th
 its pre-step state: host copies of the RNG states, the loss scale (a device scalar, fp16 only),
 the learning rate and references to the step's batches. The model and optimizer need no copy:
 a step whose gradients are non-finite is skipped in every precision (precision.Precision.step),
-so right after it they still hold their pre-step values. The check (`check`) reads the step's
-loss and gradient norm in one host sync, made during the *next* step after its backward has
-been queued and before its update: the weights are still the pre-step ones, and the device has
-queued work while the host waits. Cost: one sync per step on values already computed (no stall
-on CPU; on a GPU it keeps the host at most one step ahead) and microseconds of host work for the
-RNG copies. `diagnostics.forensics=false` removes both.
+so right after it they still hold their pre-step values. Each step's loss and gradient norm are
+copied to the host asynchronously (`end_step`); the check (`check`) reads them during the *next*
+step, after its backward has been queued and before its update: the weights are still the
+pre-step ones, and on CUDA the host waits only on an event recorded after the copy, so the
+queued work is not drained. Cost: microseconds of host work per step for the RNG copies and
+that wait. `diagnostics.forensics=false` removes both.
 
 A step triggers when its loss or gradient norm is non-finite; under fp16 only when its loss is,
 because non-finite scaled gradients are the loss scaler's routine probing (amp/skipped_steps).

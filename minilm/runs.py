@@ -37,6 +37,17 @@ class RunRecord:
         return {row["step"]: float(row[metric]) for row in self.rows or () if row.get(metric) is not None}
 
 
+def flatten(node: dict, prefix: str = "") -> dict[str, str]:
+    """A nested config as {"dotted.key": scalar}; lists and other values as their repr."""
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+    return flat
+
+
 def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 

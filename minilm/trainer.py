@@ -252,10 +252,11 @@ class Trainer:
             self.diagnostics.observe_update(step)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.forensics.end_step(ce_total / accum, grad_norm.detach())
+        mean_ce, grad_norm = ce_total / accum, grad_norm.detach()
+        self.forensics.end_step(mean_ce, grad_norm)
         if cfg.optim.z_loss:
             self.diagnostics.record(step, {"train/z_loss": z_total / accum})
-        return ce_total / accum, grad_norm.detach()
+        return mean_ce, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:

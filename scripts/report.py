@@ -43,7 +43,9 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from minilm.runs import RunRecord, fetch_wandb_runs, find_run_dirs, is_wandb_path, load_run_dir  # noqa: E402
+from minilm.runs import (  # noqa: E402
+    RunRecord, fetch_wandb_runs, find_run_dirs, flatten, is_wandb_path, load_run_dir,
+)
 
 LR_KEY = "optim.lr"
 # Student t 97.5% quantiles for 1..30 degrees of freedom (two-sided 95% interval)
@@ -134,16 +136,6 @@ def run_stats(record: RunRecord) -> RunStats:
 
 
 # ---------------------------------------------------------------- arms
-
-
-def flatten(node: dict, prefix: str = "") -> dict[str, str]:
-    flat = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
-    return flat
 
 
 def swept_keys(configs: list[dict]) -> list[str]:

@@ -37,7 +37,7 @@ from minilm.cli import compose  # noqa: E402
 from minilm.config import ConfigError, validate  # noqa: E402
 from minilm.data import DataError, corpus_fingerprint, load_corpus  # noqa: E402
 from minilm.repro import environment_record, git_commit  # noqa: E402
-from minilm.runs import RunRecord, SourceError, load_run  # noqa: E402
+from minilm.runs import RunRecord, SourceError, flatten, load_run  # noqa: E402
 from minilm.trainer import Trainer  # noqa: E402
 
 EXIT_PASS, EXIT_FAIL, EXIT_REFUSED = 0, 1, 2
@@ -51,17 +51,10 @@ class Refused(Exception):
     """Reproduction cannot start; the message says why and what to do."""
 
 
-def _flat_keys(node: dict, prefix: str = "") -> set[str]:
-    keys = set()
-    for key, value in node.items():
-        keys |= _flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
-    return keys
-
-
 def reproduction_config(record: RunRecord, overrides: list[str]):
     """The logged config, plus any key this code added since (current default), plus the overrides."""
     defaults = OmegaConf.to_container(compose([]), resolve=True)
-    added = sorted(_flat_keys(defaults) - _flat_keys(record.config))
+    added = sorted(flatten(defaults).keys() - flatten(record.config).keys())
     if added:
         warn(f"the logged config lacks {', '.join(added)} (newer than the run): using today's defaults")
     try:
