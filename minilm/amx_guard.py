@@ -1,13 +1,16 @@
 """Work around virtual machines that advertise Intel AMX but do not enable it.
 
-oneDNN runs bf16 matmuls on AMX tiles whenever /proc/cpuinfo lists `amx_tile`.
-Some hypervisors pass the flag through without enabling the tile state, and the
-first CPU bf16 matmul then dies with SIGILL ("Illegal instruction"). We probe
-once in a child process (result cached per kernel + CPU + torch) and, if the
-probe dies, cap oneDNN at AVX-512 before it initializes in this process.
+oneDNN runs CPU bf16 matmuls on AMX tiles whenever the CPU flags list `amx_tile`. Some
+hypervisors pass the flag through without enabling the tile state, and the first bf16
+matmul then dies with SIGILL ("Illegal instruction"). `cap_onednn_isa_if_amx_is_broken`
+probes once in a child process (the verdict is cached per kernel, CPU flags and torch
+version) and, if the probe dies, caps oneDNN at AVX-512 before it initializes in this
+process. The entry points call it first; setting ONEDNN_MAX_CPU_ISA yourself skips it.
+It never raises: a probe that cannot run leaves oneDNN as it is.
 """
 
 import hashlib
+import importlib.metadata
 import os
 import platform
 import signal
@@ -18,31 +21,46 @@ from pathlib import Path
 _PROBE = ("import torch; a = torch.randn(64, 64); "
           "torch.nn.functional.linear(a.bfloat16(), a.bfloat16())")
 _SAFE_ISA = "AVX512_CORE_BF16"
+_PROBE_TIMEOUT_S = 120
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The `flags` line of /proc/cpuinfo (what the CPU advertises; unlike the MHz lines, it never changes)."""
     try:
-        return Path("/proc/cpuinfo").read_text()
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
     except OSError:
         return ""
+
+
+def _probe_dies_of_sigill() -> bool | None:
+    try:
+        result = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, timeout=_PROBE_TIMEOUT_S,
+                                env={**os.environ, "ONEDNN_MAX_CPU_ISA": ""})
+    except (OSError, subprocess.SubprocessError):
+        return None  # no verdict: leave oneDNN alone
+    return result.returncode == -signal.SIGILL
 
 
 def cap_onednn_isa_if_amx_is_broken() -> None:
     if os.environ.get("ONEDNN_MAX_CPU_ISA") or platform.system() != "Linux":
         return
-    cpuinfo = _cpu_flags()
-    if "amx_tile" not in cpuinfo:
+    flags = cpu_flags()
+    if "amx_tile" not in flags:
         return
-    import importlib.metadata
-
-    key = hashlib.sha1(f"{platform.release()}|{cpuinfo}|{importlib.metadata.version('torch')}".encode()).hexdigest()
-    marker = Path(os.path.expanduser("~/.cache/minilm")) / f"amx-probe-{key[:16]}"
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    key = hashlib.sha1(f"{platform.release()}|{flags}|{torch_version}".encode()).hexdigest()[:16]
+    marker = Path.home() / ".cache" / "minilm" / f"amx-probe-{key}"
     try:
         verdict = marker.read_text()
     except OSError:
-        result = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, timeout=300,
-                                env={**os.environ, "ONEDNN_MAX_CPU_ISA": ""})
-        verdict = "broken" if result.returncode == -signal.SIGILL else "ok"
+        broken = _probe_dies_of_sigill()
+        if broken is None:
+            return
+        verdict = "broken" if broken else "ok"
         try:
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(verdict)

@@ -1,20 +1,47 @@
-"""Checkpoints that survive being killed at any moment.
+"""Checkpoints that survive being killed at any moment, and that never run code when loaded.
 
-A checkpoint is written to a temporary file in the same directory, flushed to
-disk, then renamed over the old one: a rename is atomic, so a reader sees the
-old checkpoint or the new one, never a half-written file, even after SIGKILL.
+Writing: a checkpoint goes to a temporary file in the same directory, is flushed to disk, then
+renamed over the old one: a rename is atomic, so a reader sees the old checkpoint or the new
+one, never a half-written file, even after SIGKILL. The checkpoint it replaces is kept as
+`previous.pt` (a hard link made before the rename), so a latest checkpoint damaged later (a
+bad copy, a failing disk) still leaves one to resume from.
+
+Loading: `torch.load(weights_only=True)` only rebuilds tensors and plain Python containers,
+so a crafted file cannot execute code; everything minilm saves is made of those. Any file
+that is not such a checkpoint is refused with one line.
 """
 
 import os
+import pickle
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-LAST = "last.pt"
+from minilm.errors import CheckpointError, RunDirError
+
+LAST, PREVIOUS = "last.pt", "previous.pt"
 
 
-def save_atomic(state: dict, path: Path) -> None:
+def free_bytes(path: Path) -> int:
+    """Free space on the file system holding `path` (or its nearest existing parent)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_atomic(state: dict, path: Path, keep_previous: bool = False) -> None:
+    """Write `state` to `path` atomically; with keep_previous, the file it replaces becomes previous.pt."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -23,26 +50,67 @@ def save_atomic(state: dict, path: Path) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            link = path.parent / f".{PREVIOUS}.tmp"
+            link.unlink(missing_ok=True)
+            os.link(path, link)
+            os.replace(link, path.parent / PREVIOUS)
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as error:
+        Path(tmp).unlink(missing_ok=True)
+        # torch.save reports a failed write (a full disk, a quota) as a RuntimeError from its zip writer
+        if getattr(error, "errno", None) in (28, 122) or "PytorchStreamWriter failed writing" in str(error):
+            raise RunDirError(f"could not write {path} ({free_bytes(path.parent)} bytes free on its disk); free "
+                              f"some space and run the same command again to resume") from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def load(path: Path) -> dict:
-    # weights_only=False: checkpoints hold RNG states and numpy objects we wrote ourselves.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint or replay bundle minilm wrote; anything else raises CheckpointError in one line."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist; pass a checkpoint file or a run dir") from None
+    except pickle.UnpicklingError as error:
+        reason = "it holds objects other than tensors and plain containers, and is not loaded for safety" \
+            if "Weights only load failed" in str(error) else f"unpickling failed: {str(error).splitlines()[0]}"
+        raise CheckpointError(f"{path} is not a minilm checkpoint: {reason}") from None
+    except Exception as error:  # noqa: BLE001 - garbage makes the unpickler raise anything (EOFError, IndexError...)
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (empty, truncated or corrupt: {first})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a minilm checkpoint: no training state in it")
+    return state
 
 
-def find_checkpoint(source: Path) -> Path | None:
-    """The checkpoint to resume from: `source` itself if a file, else a run dir's latest."""
+def candidates(source: Path) -> list[Path]:
+    """The checkpoints to try, newest first: `source` itself if a file, else a run dir's last and previous."""
     source = Path(source)
     if source.is_file():
-        return source
-    candidate = source / "checkpoints" / LAST
-    return candidate if candidate.is_file() else None
+        return [source]
+    return [p for p in (source / "checkpoints" / LAST, source / "checkpoints" / PREVIOUS) if p.is_file()]
+
+
+def load_latest(source: Path, log=print) -> tuple[dict, Path] | None:
+    """The newest loadable checkpoint of a run dir (falling back to previous.pt, saying so), or None if
+    it has none; raises CheckpointError when every candidate is unreadable."""
+    found = candidates(source)
+    errors = []
+    for path in found:
+        try:
+            state = load(path)
+        except CheckpointError as error:
+            errors.append(str(error))
+            continue
+        if errors:
+            log(f"warning: {errors[0]}; resuming from the previous checkpoint {path} (step {state['step']})")
+        return state, path
+    if errors:
+        raise CheckpointError("; ".join(errors) + " — no readable checkpoint to resume from: pass train.resume=none "
+                              "to start over (the run dir's files are kept)")
+    return None

@@ -1,84 +1,281 @@
-"""The entry layer: the one module below train.py that talks to Hydra.
+"""The entry layer: the one module that talks to Hydra.
 
-`preflight` composes every job a command line asks for (each point of a -m
-sweep too) and validates it before any job starts, turning Hydra's multi-line
-errors into one line that names the bad value and the valid choices.
+`main` (train.py, `minilm-train`) first runs `preflight`: it composes every job the
+command line asks for — each point of a `-m` sweep, including the grid a study declares in
+`hydra.sweeper.params` and Hydra's glob(), range(), choice() and interval() sweeps — and
+validates each one before any job starts, turning Hydra's multi-line errors into one line
+that names the key, the value and what is valid. Then Hydra runs the jobs, and the process
+exits with the code of the most severe outcome (minilm/errors.py).
 """
 
 import itertools
+import os
+import sys
+from dataclasses import fields, is_dataclass
+from enum import Enum
 from pathlib import Path
+from types import UnionType
+from typing import Union, get_args, get_origin
 
+import hydra
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from minilm.config import ConfigError, validate
+from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
+from minilm.config import Config, check_runnable, resolve_device, schema_field, validate
+from minilm.errors import (
+    EXIT_COMPLETED,
+    EXIT_DIVERGED,
+    EXIT_INPUT_ERROR,
+    EXIT_INTERRUPTED,
+    MinilmError,
+    RunDirError,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_NAME = "train"
 MAX_PREFLIGHT_JOBS = 256
 _HYDRA_FLAGS = {"-m", "--multirun"}
 
+ConfigStore.instance().store(name="minilm_schema", node=Config)
+# Multirun job dirs are named after their overrides (configs/hydra/default.yaml); clipping keeps a long
+# command line under the filesystem's 255-byte name limit (the job number keeps names unique).
+OmegaConf.register_new_resolver(
+    "minilm.clip", lambda text, limit: str(text).encode()[: int(limit)].decode(errors="ignore"), replace=True)
+
 
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-def compose(overrides: list[str] = ()):
-    """The config train.py would see for these overrides (without the hydra node)."""
+def compose(overrides: list[str] = (), hydra_node: bool = False):
+    """The config train.py would see for these overrides (with the hydra node if asked)."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
+        return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides), return_hydra_config=hydra_node)
 
 
-def _one_line(error: Exception, override_keys: list[str]) -> str:
+# ---------------------------------------------------------------- one-line errors
+
+
+def _expected(key: str) -> str:
+    """What the schema accepts for `key`, in words."""
+    f = schema_field(key)
+    kind = f.type if f is not None else None
+    if get_origin(kind) in (Union, UnionType):  # X | None
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        return f"choose one of: {', '.join(member.value for member in kind)}"
+    if kind is bool:
+        return "expected a boolean: true or false"
+    if kind is int:
+        return "expected an integer"
+    if kind is float:
+        return "expected a number"
+    if get_origin(kind) is list:
+        return f"expected a list, e.g. {key}='[a,b]'"
+    return "expected a string"
+
+
+def _valid_keys(parent: str) -> str:
+    f = schema_field(parent) if parent else None
+    schema = Config if not parent else (f.type if f is not None and is_dataclass(f.type) else None)
+    return ", ".join(sorted(x.name for x in fields(schema))) if schema else "?"
+
+
+def _override_value(key: str, overrides: list[str]) -> str | None:
+    for override in reversed(overrides):  # the last one given wins, as in Hydra
+        name, sep, value = override.partition("=")
+        if sep and name.lstrip("+~") == key:
+            return value
+    return None
+
+
+def one_line(error: Exception, overrides: list[str]) -> str:
+    """A Hydra / OmegaConf composition error as one line naming the key, the value and the fix."""
     if isinstance(error, MissingConfigException) and error.options is not None:
         bad = str(error.missing_cfg_file)
         group = bad.rsplit("/", 1)[0] if "/" in bad else bad
         return f"{bad.replace('/', '=', 1)} is not a choice; choose one of: {', '.join(group_options(group))}"
-    text = " ".join(str(error).split())
-    for key in override_keys:
-        if f"Could not override '{key}'" in text or f"Key '{key.rsplit('.', 1)[-1]}' is not in struct" in text:
+    cause = error
+    while cause is not None and getattr(cause, "full_key", None) is None:
+        cause = cause.__cause__
+    key = getattr(cause, "full_key", None)
+    if key and not key.startswith("hydra."):
+        if "not in" in str(cause.msg) or "not in struct" in str(cause.msg):
             parent = key.rsplit(".", 1)[0] if "." in key else ""
-            base = compose([])
-            node = OmegaConf.select(base, parent) if parent else base
-            valid = ", ".join(sorted(node.keys())) if OmegaConf.is_dict(node) else "?"
-            return (f"unknown config key '{key}'; valid keys{' under ' + parent if parent else ''}: {valid} "
-                    f"(to add a new key on purpose use +{key}=...)")
-    return text
+            under = f" under {parent}" if parent else ""
+            return f"unknown config key '{key}'; valid keys{under}: {_valid_keys(parent)}"
+        value = _override_value(key, overrides)
+        shown = f"{key}={value}" if value is not None else f"{key}"
+        return f"{shown} is not valid; {_expected(key)}"
+    return " ".join(str(error).split())
 
 
-def _jobs(overrides: list[str]) -> list[list[str]]:
-    """Every job's override list: the cartesian product of the sweep overrides."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    axes = []
+# ---------------------------------------------------------------- preflight
+
+
+def _values(override) -> list[str]:
+    """The values an override stands for: every point of a discrete sweep, the two ends of an interval."""
+    if not override.is_sweep_override():
+        return [override.get_value_element_as_str()]
+    if override.is_discrete_sweep():
+        return list(override.sweep_string_iterator())
+    interval = override.value()  # interval(a, b) (Optuna): its bounds stand for the range
+    return [str(interval.start), str(interval.end)]
+
+
+def _check_bool_values(parsed) -> None:
+    """OmegaConf turns any nonzero number into True: refuse numbers for boolean keys."""
     for override in parsed:
-        if override.is_sweep_override() and not override.is_interval_sweep():
-            key = override.get_key_element()
-            axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])
-        else:
-            axes.append([override.input_line])
-    return [list(job) for job in itertools.islice(itertools.product(*axes), MAX_PREFLIGHT_JOBS)]
+        f = schema_field(override.key_or_group)
+        if f is None or f.type is not bool:
+            continue
+        values = [override.value()] if not override.is_sweep_override() or not override.is_discrete_sweep() \
+            else list(override.sweep_iterator())
+        for value in values:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                raise MinilmError(f"{override.key_or_group}={value} is not valid; {_expected(override.key_or_group)}")
+
+
+def _study_params(non_sweep: list[str]) -> dict[str, str]:
+    """The grid the composed config declares in hydra.sweeper.params (a study's sweep)."""
+    cfg = compose(non_sweep, hydra_node=True)
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
+    return {str(k): str(v) for k, v in params.items()}
+
+
+def _parse(overrides: list[str]):
+    """Hydra's parsed overrides (glob() needs the config loader to list a group's options)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(overrides)
+
+
+def jobs_of(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """Every job's override list, the way Hydra's sweepers build them: the study's grid first, then the
+    command line (a key given on both takes the command line's values)."""
+    parsed = _parse(overrides)
+    _check_bool_values(parsed)
+    non_sweep = [o.input_line for o in parsed if not o.is_sweep_override()]
+    params = _study_params(non_sweep)
+    if not multirun:
+        fixed = {o.key_or_group for o in parsed}
+        unfixed = [key for key in params if key not in fixed]
+        if unfixed:
+            study = next((o.input_line for o in parsed if o.key_or_group == "experiment"), "this config")
+            raise MinilmError(f"{study} is a sweep over {', '.join(unfixed)}: add -m to run its jobs, or fix "
+                              f"{' '.join(k + '=...' for k in unfixed)} to run one")
+        return [overrides]
+    grid = _parse([f"{k}={v}" for k, v in params.items()])
+    _check_bool_values(grid)
+    axes = {o.key_or_group: [f"{o.get_key_element()}={v}" for v in _values(o)] for o in [*grid, *parsed]}
+    return [list(job) for job in itertools.islice(itertools.product(*axes.values()), MAX_PREFLIGHT_JOBS)]
+
+
+def check_job(overrides: list[str]) -> None:
+    """Compose and validate one job; raises MinilmError or Hydra's / OmegaConf's composition errors."""
+    cfg = compose(overrides)
+    validate(cfg)
+    check_runnable(cfg, resolve_device(cfg.device))
+
+
+def check_output_dir(path: Path, key: str) -> None:
+    """The dir Hydra will create for the run (or the sweep) must be creatable and writable."""
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{key}={path} is an existing file; pass another {key}")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunDirError(f"{key}={path} cannot be created: {parent} is a file; pass another {key}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"{key}={path} cannot be created: {parent} is not writable; pass another {key}")
 
 
 def preflight(argv: list[str]) -> str | None:
     """A one-line error for the first invalid job the command line describes, or None if all are valid."""
     if any(arg.startswith("-") and arg not in _HYDRA_FLAGS for arg in argv):
         return None  # Hydra's own commands (--cfg, --info, ...): let Hydra handle them
+    multirun = any(arg in _HYDRA_FLAGS for arg in argv)
     overrides = [arg for arg in argv if arg not in _HYDRA_FLAGS]
-    user_overrides = [o for o in overrides if not o.startswith("hydra.")]
+    user = [o for o in overrides if not o.startswith("hydra.")]
     try:
-        jobs = _jobs(user_overrides)
-    except HydraException as error:
-        return " ".join(str(error).split())
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in user_overrides]
-    for job in jobs:
-        try:
-            validate(compose(job))
-        except ConfigError as error:
-            return str(error)
-        except (HydraException, OmegaConfBaseException) as error:
-            return _one_line(error, keys)
+        non_sweep = [o.input_line for o in _parse(overrides) if not o.is_sweep_override()]
+        hydra_node = compose(non_sweep, hydra_node=True).hydra
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        check_output_dir(Path(OmegaConf.select(hydra_node, key.removeprefix("hydra."))), key)
+        for job in jobs_of(overrides, multirun):
+            check_job([o for o in job if not o.startswith("hydra.")])
+    except MinilmError as error:
+        return str(error)
+    except (HydraException, OmegaConfBaseException) as error:
+        return one_line(error, user)
     return None
+
+
+# ---------------------------------------------------------------- running
+
+
+class SweepOutcome(Callback):
+    """After a multirun the exit code says whether any job diverged: read from the jobs' summary.json,
+    so jobs run by other processes (joblib, Slurm) count too."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        import json
+
+        for path in Path(config.hydra.sweep.dir).glob("*/summary.json"):
+            try:
+                record_outcome(bool(json.loads(path.read_text()).get("diverged")))
+            except (OSError, ValueError):
+                continue
+
+
+_exit_code = EXIT_COMPLETED
+
+
+def record_outcome(diverged: bool) -> None:
+    global _exit_code
+    if diverged:
+        _exit_code = EXIT_DIVERGED
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
+def _hydra_main(cfg) -> float:
+    from minilm.trainer import train
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        summary = train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task),
+                        choices=dict(hydra_cfg.runtime.choices))
+    except MinilmError as error:
+        if os.environ.get("MINILM_TRACEBACK"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_INPUT_ERROR) from None
+    if summary["outcome"] == "interrupted":
+        raise SystemExit(EXIT_INTERRUPTED)  # a sweep stops at the interrupted job; rerunning it resumes
+    record_outcome(bool(summary.get("diverged")))
+    val_loss = summary.get("val/loss")
+    return val_loss if val_loss is not None else float("inf")  # what Hydra's sweepers (Optuna) minimize
+
+
+def main() -> None:
+    """train.py and `minilm-train`: preflight every job, run them, exit with the outcome's code."""
+    cap_onednn_isa_if_amx_is_broken()  # before any bf16 matmul in this process
+    error = preflight(sys.argv[1:])
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_INPUT_ERROR)
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        print("interrupted: stopped at once (a second Ctrl-C); resume from the last checkpoint", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(_exit_code)

@@ -1,89 +1,339 @@
-"""Config validation: every bad value fails here, in one line, before any work starts."""
+"""The typed config schema: each key's type, default and valid range, written once, side by side.
 
-import torch
+`Config` is the schema of the whole config and each field's dataclass the schema of one
+config group (model, norm, precision, ...). The entry layer (minilm/cli.py) registers it
+with Hydra, so OmegaConf itself rejects a value of the wrong type (a bool, an int, a float,
+one of an enum's choices) while composing; the YAML files in configs/ hold only what differs
+from these defaults. `validate` then checks ranges and cross-field rules, and
+`check_runnable` what depends on this machine (a CUDA GPU, Triton). Every failure is a
+one-line ConfigError naming the key, the value and the fix.
+
+Booleans accept true/false and, as OmegaConf parses them, yes/no, on/off and y/n; numbers
+are refused for a boolean key.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from enum import Enum
+from typing import Any
+
 from omegaconf import OmegaConf
 
-from minilm.model import INITS, PLACEMENTS
-from minilm.norms import NORM_KINDS, norm_unavailable_reason
-from minilm.precision import PRECISIONS
+from minilm.errors import ConfigError
 
 
-class ConfigError(ValueError):
-    """A bad config value; the message names the key, the value and the fix."""
+class Choice(str, Enum):
+    """An enum whose members compare equal to their names as strings (config values stay plain strings)."""
+
+    def __str__(self) -> str:
+        return self.value
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+def choices(name: str, *values: str) -> type[Choice]:
+    return Choice(name, {value: value for value in values})
 
 
-def _choice(key: str, value, choices) -> None:
-    _check(value in choices, f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+Placement = choices("Placement", "pre", "post", "sandwich")
+Init = choices("Init", "gpt2", "xavier")
+NormKind = choices("NormKind", "layernorm", "rmsnorm", "triton_layernorm", "triton_rmsnorm")
+PrecisionName = choices("PrecisionName", "fp32", "fp16", "bf16")
+DataSource = choices("DataSource", "pystdlib", "text", "hf")
+DecodeErrors = choices("DecodeErrors", "replace", "strict")
+LoggerBackend = choices("LoggerBackend", "wandb", "none")
+WandbMode = choices("WandbMode", "auto", "online", "offline", "disabled")
 
 
-def _at_least(key: str, value, minimum, strict: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-        value > minimum if strict else value >= minimum)
-    _check(ok, f"{key}={value!r} is not valid; it must be a number {'>' if strict else '>='} {minimum}")
+# ---------------------------------------------------------------- range checks
+
+Check = Callable[[Any], str | None]  # returns why the value is invalid, or None
 
 
-def resolve_device(name: str) -> torch.device:
+def at_least(minimum: float) -> Check:
+    return lambda v: None if v is None or v >= minimum else f"it must be >= {minimum}"
+
+
+def positive(v) -> str | None:
+    return None if v > 0 and math.isfinite(v) else "it must be a finite number > 0"
+
+
+def finite(v) -> str | None:
+    return None if math.isfinite(v) else "it must be a finite number"
+
+
+def fraction(low_open: bool = False, high_open: bool = False) -> Check:
+    def check(v):
+        ok = (v > 0 if low_open else v >= 0) and (v < 1 if high_open else v <= 1)
+        return None if ok else f"it must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+    return check
+
+
+def knob(default, *checks: Check):
+    """A config field: its default and the checks `validate` runs on it."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"checks": checks})
+    return field(default=default, metadata={"checks": checks})
+
+
+# ---------------------------------------------------------------- the schema, one dataclass per group
+
+
+@dataclass
+class ModelConfig:
+    """The transformer's shape (configs/model/). Defaults: `model=tiny`, about 1.3M parameters."""
+
+    n_layer: int = knob(4, at_least(1))
+    n_head: int = knob(4, at_least(1))
+    d_model: int = knob(128, at_least(1))
+    block_size: int = knob(128, at_least(1))          # context length in tokens
+    mlp_ratio: int = knob(4, at_least(1))
+    dropout: float = knob(0.0, fraction(high_open=True))
+    bias: bool = True                                  # biases in linears and LayerNorm
+    tie_embeddings: bool = True                        # the LM head is the token embedding
+    # pre: x + f(norm(x)); post: norm(x + f(x)); sandwich: x + norm(f(norm(x)))
+    placement: Placement = Placement.pre
+    # gpt2: N(0, 0.02), residual projections / sqrt(2 n_layer); xavier: Xiong et al. 2020
+    init: Init = Init.gpt2
+    qk_norm: bool = False                              # normalize each head's queries and keys (Wortsman et al. 2023)
+
+    def cross_check(self) -> None:
+        if self.d_model % self.n_head:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "
+                              f"pick d_model a multiple of n_head")
+
+
+@dataclass
+class NormConfig:
+    """Every normalization layer of the model (configs/norm/: one option per kind)."""
+
+    kind: NormKind = NormKind.layernorm
+    eps: float = knob(1e-5, positive)
+    affine: bool = True                                # learnable gain (and bias, for LayerNorm with model.bias)
+
+
+@dataclass
+class PrecisionConfig:
+    """Autocast dtype and loss scaling (configs/precision/)."""
+
+    name: PrecisionName = PrecisionName.fp32
+    tf32: bool = False                                 # CUDA: TF32 for fp32 matmuls (faster, ~10-bit mantissa)
+    init_scale: float = knob(65536.0, positive)        # fp16: the GradScaler's first loss scale
+    growth_interval: int = knob(2000, at_least(1))     # fp16: steps without overflow before the scale doubles
+
+
+@dataclass
+class DataConfig:
+    """The corpus and its tokenizer (configs/data/). Defaults: `data=pystdlib`."""
+
+    source: DataSource = DataSource.pystdlib
+    files: list[str] | None = None                  # data=text: paths or globs, one document per file
+    name: str | None = None                         # data=hf: a Hub dataset name or a local dataset dir
+    subset: str | None = None                       # data=hf: the dataset's config name, if it has several
+    split: str = "train"                               # data=hf
+    text_column: str = "text"                          # data=hf
+    vocab_size: int = knob(4096, at_least(257))        # BPE vocabulary: the 256 bytes + EOS at least
+    val_fraction: float = knob(0.05, fraction(low_open=True, high_open=True))  # share of documents held out
+    max_files: int | None = knob(None, at_least(1))  # only the first N documents (null: all)
+    num_proc: int = knob(1, at_least(1))               # processes for tokenization
+    # non-UTF-8 bytes in text files: replace (warn once) or strict (refuse)
+    errors: DecodeErrors = DecodeErrors.replace
+
+    def cross_check(self) -> None:
+        if self.source == "text" and not self.files:
+            raise ConfigError("data=text needs data.files; pass paths or globs, e.g. data.files='[notes/*.txt]'")
+        if self.source == "hf" and not self.name:
+            raise ConfigError("data=hf needs data.name: a Hub dataset name or a local dataset dir")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (configs/optim/)."""
+
+    lr: float = knob(3e-3, positive)                   # peak learning rate
+    min_lr_ratio: float = knob(0.1, fraction())        # cosine decays to lr * min_lr_ratio at train.max_steps
+    warmup_steps: int = knob(50, at_least(0))          # linear warmup from 0
+    weight_decay: float = knob(0.1, at_least(0), finite)  # not applied to norm gains, biases and embeddings
+    beta1: float = knob(0.9, fraction(high_open=True))
+    beta2: float = knob(0.95, fraction(high_open=True))
+    eps: float = knob(1e-8, positive)
+    z_loss: float = knob(0.0, at_least(0), finite)     # coefficient of the log(Z)^2 auxiliary loss (PaLM); 0 disables
+
+
+@dataclass
+class TrainConfig:
+    """The loop's knobs."""
+
+    max_steps: int = knob(600, at_least(0))
+    batch_size: int = knob(16, at_least(1))            # sequences per micro-batch, per rank
+    grad_accum: int = knob(1, at_least(1))             # micro-batches per optimizer step
+    grad_clip: float = knob(1.0, at_least(0), finite)  # global-norm clip after unscaling; 0 disables
+    eval_interval: int = knob(200, at_least(0))        # steps between validation passes; 0: only at the end
+    eval_batches: int = knob(8, at_least(1))
+    log_interval: int = knob(10, at_least(1))          # steps between host syncs for metrics and the progress bar
+    ckpt_interval: int = knob(200, at_least(0))        # steps between checkpoints; 0: only at the end
+    # auto: this run dir's checkpoint if any; none; or a checkpoint / run dir
+    resume: str = "auto"
+    # resume although math-changing keys differ (recorded as a revision)
+    allow_config_change: bool = False
+    sample_tokens: int = knob(200, at_least(0))        # length of the sample generated at the end; 0 disables
+    compile: bool = False                              # torch.compile the model (Triton custom ops included)
+    # or aot_eager: the same graph without code generation (fast to test)
+    compile_backend: str = "inductor"
+    stop_on_divergence: bool = True                    # stop at the step divergence is confirmed
+    # the line: ln(vocab) + margin (the loss at init sits just above ln V)
+    divergence_margin: float = knob(0.5, at_least(0), finite)
+    # steps a loss may stay above the line and still come back (a spike)
+    divergence_window: int = knob(50, at_least(1))
+
+    def cross_check(self) -> None:
+        if not self.compile:
+            return
+        import torch._dynamo  # imported only when compiling: it takes seconds
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if self.compile_backend not in backends:
+            raise ConfigError(f"train.compile_backend={self.compile_backend!r} is not valid; choose one of: "
+                              f"{', '.join(backends)}")
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go besides the run dir (configs/logger/)."""
+
+    backend: LoggerBackend = LoggerBackend.wandb
+    # auto: WANDB_MODE / `wandb offline` if set, else online with credentials, else offline
+    mode: WandbMode = WandbMode.auto
+    project: str = "minilm"
+    entity: str | None = None
+    name: str | None = None                         # default: the run's sorted overrides, or its main choices
+    group: str | None = None                        # default: the name without the seed, so seeds pool
+    tags: list[str] = knob([])
+    run_id: str | None = None                       # log into this existing W&B run (e.g. a fork continuing another)
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Stability diagnostics and non-finite forensics (configs/diagnostics/)."""
+
+    interval: int = knob(100, at_least(0))             # sample diag/* at step 1 and every N steps; 0 disables
+    spike_window: int = knob(50, at_least(1))          # steps in the rolling window behind the spike scores
+    spike_sigma: float = knob(7.0, positive)           # a step this many standard deviations from its window's mean
+    forensics: bool = True                             # a replay bundle at the first non-finite step
+    activation_hooks: bool = False                     # with forensics: flag non-finite module outputs on every step
+
+
+@dataclass
+class PathsConfig:
+    """Every directory minilm writes to (configs/paths/)."""
+
+    cache_dir: str = "~/.cache/minilm"                 # token caches (configs/paths/default.yaml reads $MINILM_CACHE)
+    outputs: str = "outputs"                           # single runs: outputs/<date>/<time>
+    multirun: str = "multirun"                         # sweeps: multirun/<date>/<time>/<job>
+
+
+@dataclass
+class Config:
+    """The whole config: one field per config group, plus the top-level keys."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = knob(0, at_least(0))
+    deterministic: bool = False                        # bitwise-reproducible losses (slower kernels on CUDA)
+    detect_anomaly: bool = False                       # run each step under torch.autograd.detect_anomaly (slow)
+    device: str = "auto"                               # auto: cuda if available, else cpu; or cpu, cuda, cuda:N
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _show(value) -> str:
+    return value.value if isinstance(value, Enum) else repr(value)
+
+
+def _validate_node(node, schema: type, prefix: str) -> None:
+    known = {f.name for f in fields(schema)}
+    extra = sorted(set(node.keys()) - known)
+    if extra:  # `+key=value` forces a key in even where the schema has none
+        under = f" under {prefix[:-1]}" if prefix else ""
+        raise ConfigError(f"unknown config key '{prefix}{extra[0]}'; valid keys{under}: {', '.join(sorted(known))}")
+    for f in fields(schema):
+        value, key = node[f.name], f"{prefix}{f.name}"
+        if is_dataclass(f.type):
+            _validate_node(value, f.type, f"{key}.")
+            continue
+        for check in f.metadata.get("checks", ()):
+            reason = None if value is None else check(value)
+            if reason:
+                raise ConfigError(f"{key}={_show(value)} is not valid; {reason}")
+
+
+def validate(cfg) -> None:
+    """Range and cross-field checks of a composed config (OmegaConf checked the types)."""
+    _validate_node(cfg, Config, "")
+    for f in fields(Config):
+        if hasattr(f.type, "cross_check"):
+            OmegaConf.to_object(cfg[f.name]).cross_check()
+    parse_device(cfg.device)
+
+
+def parse_device(name: str):
+    """The torch.device a `device` value names (without looking at this machine)."""
+    import torch
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return None
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"device={name!r} is not valid; choose auto, cpu, cuda or cuda:N") from None
-    _check(device.type in ("cpu", "cuda"), f"device={name!r} is not valid; choose auto, cpu, cuda or cuda:N")
-    _check(device.type != "cuda" or torch.cuda.is_available(),
-           f"device={name!r} but no CUDA GPU is available; use device=cpu or device=auto")
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={name!r} is not valid; choose auto, cpu, cuda or cuda:N")
     return device
 
 
-def validate(cfg) -> torch.device:
-    """Check the whole config; return the device it will run on."""
-    device = resolve_device(cfg.device)
-    _choice("norm", cfg.norm.kind, NORM_KINDS)
-    _at_least("norm.eps", cfg.norm.eps, 0, strict=True)
-    reason = norm_unavailable_reason(cfg.norm.kind, device.type)
-    _check(reason is None, f"norm={cfg.norm.kind} cannot run on {device}: {reason}")
-    _choice("precision", cfg.precision.name, PRECISIONS)
+def resolve_device(name: str):
+    """The device a run will use on this machine."""
+    import torch
 
-    m = cfg.model
-    _choice("model.placement", m.placement, PLACEMENTS)
-    _choice("model.init", m.init, INITS)
-    for key in ("n_layer", "n_head", "d_model", "block_size", "mlp_ratio"):
-        _at_least(f"model.{key}", m[key], 1)
-    _check(m.d_model % m.n_head == 0,
-           f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}; pick d_model a multiple of n_head")
-    _check(0 <= m.dropout < 1, f"model.dropout={m.dropout!r} is not valid; it must be in [0, 1)")
-
-    t = cfg.train
-    for key in ("batch_size", "grad_accum", "eval_batches"):
-        _at_least(f"train.{key}", t[key], 1)
-    _at_least("train.log_interval", t.log_interval, 1)
-    for key in ("max_steps", "eval_interval", "ckpt_interval", "sample_tokens"):
-        _at_least(f"train.{key}", t[key], 0)
-    _at_least("train.grad_clip", t.grad_clip, 0)
-
-    o = cfg.optim
-    _at_least("optim.lr", o.lr, 0, strict=True)
-    _at_least("optim.warmup_steps", o.warmup_steps, 0)
-    _at_least("optim.weight_decay", o.weight_decay, 0)
-    _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio!r} is not valid; it must be in [0, 1]")
-    _at_least("optim.z_loss", o.get("z_loss", 0.0), 0)
-
-    d = cfg.data
-    _choice("data.source", d.source, ("pystdlib", "text", "hf"))
-    _check(d.source != "text" or not OmegaConf.is_missing(d, "files"),
-           "data=text needs data.files; pass paths or globs, e.g. data.files='[notes/*.txt]'")
-    _at_least("data.vocab_size", d.vocab_size, 257)  # the 256 byte tokens + EOS
-    _check(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction!r} is not valid; it must be in (0, 1)")
-    g = cfg.diagnostics
-    _at_least("diagnostics.interval", g.interval, 0)
-    _at_least("diagnostics.spike_window", g.spike_window, 1)
-    _at_least("diagnostics.spike_sigma", g.spike_sigma, 0, strict=True)
-    _choice("logger", cfg.logger.backend, ("wandb", "none"))
-    if cfg.logger.backend == "wandb":
-        _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline"))
+    device = parse_device(name)
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but no CUDA GPU is available; use device=cpu or device=auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"use device=cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def check_runnable(cfg, device) -> None:
+    """What this machine must offer for the config: the norm kind's kernels."""
+    from minilm.norms.availability import norm_unavailable_reason
+
+    reason = norm_unavailable_reason(str(cfg.norm.kind), device.type)
+    if reason:
+        raise ConfigError(f"norm={cfg.norm.kind} cannot run on {device}: {reason}")
+
+
+def schema_field(key: str):
+    """The dataclass field behind a dotted config key, or None when the schema has no such key."""
+    schema, found = Config, None
+    for part in key.split("."):
+        if schema is None or not is_dataclass(schema):
+            return None
+        found = next((f for f in fields(schema) if f.name == part), None)
+        if found is None:
+            return None
+        schema = found.type if is_dataclass(found.type) else None
+    return found
+
+
+def default_of(f) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default

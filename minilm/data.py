@@ -11,29 +11,39 @@ split hashes: a file path or a row index) and `text`:
 A byte-level BPE tokenizer is trained on the train split with `tokenizers`, and
 both splits are tokenized (in parallel with `datasets.map(num_proc=...)`) into
 uint16/uint32 memmaps under a content fingerprint of corpus + settings. The
-cache records checksums; a corrupted or stale cache is rebuilt.
+cache records a checksum of every file in it; a corrupted or stale cache is
+rebuilt. A lock serializes building and publishing one cache, so concurrent
+jobs on a fresh cache wait for the first and share its result.
+
+Every problem with the data (a pattern matching no file, an unreadable or
+non-UTF-8 file under data.errors=strict, a broken local dataset, too little
+text or disk) is a one-line DataError that names the path and the fix.
 """
 
+import fcntl
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sysconfig
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-CACHE_VERSION = 1
+from minilm.checkpoint import free_bytes
+from minilm.errors import DataError
+
+CACHE_VERSION = 2
 EOS = "<|endoftext|>"
+CACHE_FILES = ("train.bin", "val.bin", "tokenizer.json")
 _SKIPPED_STDLIB_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
-
-
-class DataError(RuntimeError):
-    """A data source that cannot be used; the message says why and what to do."""
+logger = logging.getLogger("minilm")
 
 
 # ---------------------------------------------------------------- corpora
@@ -51,12 +61,49 @@ def stdlib_files() -> list[tuple[str, Path]]:
 
 
 def text_files(patterns) -> list[tuple[str, Path]]:
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    files = sorted({Path(f) for p in patterns for f in glob.glob(os.path.expanduser(p), recursive=True)})
-    files = [f for f in files if f.is_file()]
-    if not files:
-        raise DataError(f"data.files={patterns} matched no files; pass existing paths or globs, e.g. data.files='[notes/*.txt]'")
-    return [(f.as_posix(), f) for f in files]
+    """The files data.files names: every entry (a path or a glob) must match at least one file."""
+    files = set()
+    for pattern in patterns:
+        matched = [Path(f) for f in glob.glob(os.path.expanduser(pattern), recursive=True)]
+        matched = [f for f in matched if f.is_file()]
+        if not matched:
+            raise DataError(f"data.files entry {pattern!r} matches no file; pass existing paths or globs, "
+                            f"e.g. data.files='[notes/*.txt]'")
+        files.update(matched)
+    return [(f.as_posix(), f) for f in sorted(files)]
+
+
+def read_text(path: Path, errors: str) -> tuple[str, int]:
+    """A file's text and the number of bytes that were not UTF-8 (replaced by U+FFFD under errors=replace)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror or error}; fix it or leave it out of the data") from None
+    try:
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError as error:
+        if errors == "strict":
+            raise DataError(f"{path} is not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start}); "
+                            f"convert it, leave it out, or set data.errors=replace") from None
+    text = raw.decode("utf-8", errors="replace")
+    return text, text.count("\ufffd") - raw.count("\ufffd".encode())
+
+
+def _read_files(files: list[tuple[str, Path]], errors: str) -> dict[str, list[str]]:
+    keys, texts, replaced_files, replaced_bytes = [], [], 0, 0
+    for key, path in files:
+        text, replaced = read_text(path, errors)
+        keys.append(key)
+        texts.append(text)
+        replaced_files += replaced > 0
+        replaced_bytes += replaced
+    if not any(text.strip() for text in texts):
+        raise DataError(f"all {len(files)} data file(s) are empty, e.g. {files[0][1]}; point the data at files "
+                        f"with text")
+    if replaced_bytes:
+        logger.warning(f"{replaced_bytes} byte(s) in {replaced_files} file(s) were not UTF-8 and were replaced by "
+                    f"U+FFFD; set data.errors=strict to refuse such files instead")
+    return {"key": keys, "text": texts}
 
 
 def load_corpus(data_cfg):
@@ -66,13 +113,8 @@ def load_corpus(data_cfg):
     if data_cfg.source in ("pystdlib", "text"):
         files = stdlib_files() if data_cfg.source == "pystdlib" else text_files(data_cfg.files)
         files = files[: data_cfg.max_files] if data_cfg.max_files else files
-        return datasets.Dataset.from_dict({
-            "key": [key for key, _ in files],
-            "text": [path.read_text(encoding="utf-8", errors="replace") for _, path in files],
-        })
-    if data_cfg.source == "hf":
-        return _load_hf(data_cfg)
-    raise DataError(f"unknown data.source={data_cfg.source!r}; choose pystdlib, text or hf")
+        return datasets.Dataset.from_dict(_read_files(files, str(data_cfg.errors)))
+    return _load_hf(data_cfg)
 
 
 def _load_hf(data_cfg):
@@ -80,8 +122,16 @@ def _load_hf(data_cfg):
 
     local = Path(os.path.expanduser(data_cfg.name))
     if local.is_dir() and (local / "dataset_info.json").exists():
-        ds = datasets.load_from_disk(str(local))  # a save_to_disk() directory
+        try:
+            ds = datasets.load_from_disk(str(local))  # a save_to_disk() directory
+        except Exception as err:  # noqa: BLE001 - datasets raises many types for a damaged directory
+            raise DataError(f"the local dataset {local} cannot be loaded ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}); re-save it or point data.name "
+                            f"elsewhere") from None
         if isinstance(ds, datasets.DatasetDict):
+            if data_cfg.split not in ds:
+                raise DataError(f"data.split={data_cfg.split!r} is not a split of {local}; choose one of "
+                                f"{', '.join(ds)}")
             ds = ds[data_cfg.split]
     else:
         if not local.exists():
@@ -89,9 +139,10 @@ def _load_hf(data_cfg):
         try:
             ds = datasets.load_dataset(str(local) if local.exists() else data_cfg.name,
                                        data_cfg.subset, split=data_cfg.split)
-        except (ConnectionError, OSError) as err:
-            raise DataError(f"could not load dataset {data_cfg.name!r} ({type(err).__name__}: {err}); check the "
-                            f"name, or use data=pystdlib, or data=text data.files=[...] for local files") from err
+        except Exception as err:  # noqa: BLE001 - datasets raises many types for a missing or damaged source
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise DataError(f"could not load dataset {data_cfg.name!r} ({type(err).__name__}: {first}); check the "
+                            f"name, or use data=pystdlib, or data=text data.files=[...] for local files") from None
     if data_cfg.text_column not in ds.column_names:
         raise DataError(f"data.text_column={data_cfg.text_column!r} is not a column of {data_cfg.name!r}; "
                         f"choose one of {ds.column_names}")
@@ -113,7 +164,8 @@ def _require_hub(name: str, timeout: float = 5.0) -> None:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
     except OSError:
         raise DataError(f"data.name={name!r} needs the Hugging Face Hub ({url.hostname}), which is unreachable "
-                        f"from this machine; use data=pystdlib, or data=text data.files=[...] for local files") from None
+                        f"from this machine; use data=pystdlib, or data=text data.files=[...] for local files"
+                        ) from None
 
 
 def is_val(key: str, val_fraction: float) -> bool:
@@ -122,7 +174,7 @@ def is_val(key: str, val_fraction: float) -> bool:
 
 
 def corpus_fingerprint(corpus, data_cfg) -> str:
-    settings = {"version": CACHE_VERSION, "vocab_size": data_cfg.vocab_size, "val_fraction": data_cfg.val_fraction}
+    settings = {"version": 1, "vocab_size": data_cfg.vocab_size, "val_fraction": data_cfg.val_fraction}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for batch in corpus.iter(batch_size=1000):
         for key, text in zip(batch["key"], batch["text"]):
@@ -173,22 +225,35 @@ class TokenData:
 
 
 def _cache_problem(directory: Path, fingerprint: str) -> str | None:
-    """Why the cache in `directory` cannot be used, or None if it is intact."""
+    """Why the cache in `directory` cannot be used, or None if every file in it is intact."""
     meta_path = directory / "meta.json"
     if not meta_path.exists():
         return "missing"
     try:
         meta = json.loads(meta_path.read_text())
-        if meta["fingerprint"] != fingerprint:
+        if meta["version"] != CACHE_VERSION or meta["fingerprint"] != fingerprint:
             return "stale (fingerprint differs)"
-        for split in ("train", "val"):
-            if _sha256(directory / f"{split}.bin") != meta["sha256"][split]:
-                return f"corrupted ({split}.bin checksum differs)"
-        if not (directory / "tokenizer.json").exists():
-            return "corrupted (tokenizer.json missing)"
-    except (OSError, ValueError, KeyError) as err:
-        return f"corrupted ({type(err).__name__})"
+        for name in CACHE_FILES:
+            if _sha256(directory / name) != meta["sha256"][name]:
+                return f"corrupted ({name} checksum differs)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"corrupted ({type(err).__name__} reading it)"
     return None
+
+
+@contextmanager
+def _cache_lock(directory: Path, log):
+    """Hold an exclusive lock on `directory`'s cache: concurrent jobs build it once, one after another."""
+    with open(directory.with_name(directory.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process building the token cache {directory}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _write_tokens(split_ds, path: Path, dtype, eos_id: int) -> int:
@@ -223,17 +288,22 @@ def _build_cache(corpus, data_cfg, fingerprint: str, directory: Path, log) -> No
 
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=directory.parent))
     try:
-        meta = {"fingerprint": fingerprint, "dtype": np.dtype(dtype).name, "sha256": {}, "tokens": {},
-                "source": data_cfg.source, "vocab_size": tokenizer.get_vocab_size()}
+        meta = {"version": CACHE_VERSION, "fingerprint": fingerprint, "dtype": np.dtype(dtype).name, "tokens": {},
+                "source": str(data_cfg.source), "vocab_size": tokenizer.get_vocab_size()}
         for split, ds in (("train", train_ds), ("val", val_ds)):
             tokenized = ds.map(encode, batched=True, num_proc=data_cfg.num_proc if len(ds) > 1 else None,
                                remove_columns=ds.column_names, desc=f"tokenizing {split}")
             meta["tokens"][split] = _write_tokens(tokenized, tmp / f"{split}.bin", dtype, eos_id)
-            meta["sha256"][split] = _sha256(tmp / f"{split}.bin")
         tokenizer.save(str(tmp / "tokenizer.json"))
+        meta["sha256"] = {name: _sha256(tmp / name) for name in CACHE_FILES}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)  # the finished cache appears atomically
+        shutil.rmtree(directory, ignore_errors=True)  # a corrupt or stale one; the lock keeps readers out
+        os.replace(tmp, directory)  # the finished cache appears at once
+    except OSError as error:
+        if error.errno in (28, 122):  # ENOSPC, EDQUOT
+            raise DataError(f"no space left on the disk of data cache {directory.parent} while building the token "
+                            f"cache; free space or point MINILM_CACHE (paths.cache_dir) elsewhere") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -243,22 +313,43 @@ def _text_batches(ds):
         yield batch["text"]
 
 
-def prepare_data(data_cfg, log=print) -> TokenData:
+def _corpus_bytes(corpus) -> int:
+    return sum(len(text.encode("utf-8", "replace")) for batch in corpus.iter(batch_size=1000) for text in batch["text"])
+
+
+def _cache_root(cache_dir: str) -> Path:
+    root = Path(os.path.expanduser(str(cache_dir))).resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as error:
+        raise DataError(f"the token cache dir {root} is not writable ({error.strerror or error}); set "
+                        f"MINILM_CACHE or paths.cache_dir to a writable dir") from None
+    return root
+
+
+def prepare_data(data_cfg, cache_dir: str, log=logger.info) -> TokenData:
     """Tokenized train/val splits for the configured corpus, built once and cached by content."""
     from tokenizers import Tokenizer
 
     corpus = load_corpus(data_cfg)
     if len(corpus) == 0:
-        raise DataError(f"data.source={data_cfg.source!r} produced no documents")
+        raise DataError(f"data.source={data_cfg.source} produced no documents")
     fingerprint = corpus_fingerprint(corpus, data_cfg)
-    cache_root = Path(os.path.expanduser(str(data_cfg.cache_dir))).resolve()
-    cache_root.mkdir(parents=True, exist_ok=True)
+    cache_root = _cache_root(cache_dir)
     directory = cache_root / f"{data_cfg.source}-{fingerprint[:16]}"
-    problem = _cache_problem(directory, fingerprint)
-    if problem:
-        if problem != "missing":
-            log(f"token cache {directory} is {problem}; rebuilding")
-        _build_cache(corpus, data_cfg, fingerprint, directory, log)
+    with _cache_lock(directory, log):
+        problem = _cache_problem(directory, fingerprint)
+        if problem:
+            # uint32 ids at most one per byte, twice over (the tokenized columns, then the memmaps)
+            needed = 8 * _corpus_bytes(corpus)
+            if free_bytes(cache_root) < needed:
+                raise DataError(f"the token cache needs about {needed} bytes in {cache_root} and only "
+                                f"{free_bytes(cache_root)} are free; free space or set MINILM_CACHE elsewhere")
+            if problem != "missing":
+                log(f"token cache {directory} is {problem}; rebuilding")
+            _build_cache(corpus, data_cfg, fingerprint, directory, log)
     meta = json.loads((directory / "meta.json").read_text())
     train, val = (np.memmap(directory / f"{s}.bin", dtype=meta["dtype"], mode="r") for s in ("train", "val"))
     return TokenData(train, val, Tokenizer.from_file(str(directory / "tokenizer.json")), fingerprint, directory)
@@ -267,7 +358,7 @@ def prepare_data(data_cfg, log=print) -> TokenData:
 # ---------------------------------------------------------------- batches
 
 
-class BatchSampler:
+class TokenWindowSampler:
     """Shuffled, non-overlapping windows of block_size+1 tokens, epoch by epoch.
 
     The order is a function of (seed, epoch) alone, and the position is

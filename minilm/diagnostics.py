@@ -145,6 +145,10 @@ class Diagnostics:
         """Keep device scalars for `step` until the next `collect`."""
         self.pending.setdefault(step, {}).update(metrics)
 
+    def drop_after(self, step: int) -> None:
+        """Forget what was recorded for steps after `step` (an abandoned step)."""
+        self.pending = {s: metrics for s, metrics in self.pending.items() if s <= step}
+
     def collect(self) -> dict[int, dict[str, float]]:
         """Every recorded value as floats, {step: {name: value}}, fetched in one host sync."""
         if not self.pending:

@@ -4,12 +4,11 @@ With `diagnostics.forensics=true` the trainer keeps, for each step in flight, th
 its pre-step state: host copies of the RNG states, the loss scale (a device scalar, fp16 only),
 the learning rate and references to the step's batches. The model and optimizer need no copy:
 a step whose gradients are non-finite is skipped in every precision (precision.Precision.step),
-so right after it they still hold their pre-step values. Each step's loss and gradient norm are
-copied to the host asynchronously (`end_step`); the check (`check`) reads them during the *next*
-step, after its backward has been queued and before its update: the weights are still the
-pre-step ones, and on CUDA the host waits only on an event recorded after the copy, so the
-queued work is not drained. Cost: microseconds of host work per step for the RNG copies and
-that wait. `diagnostics.forensics=false` removes both.
+so right after it they still hold their pre-step values. The trainer reads each step's loss and
+gradient norm on the host one step late (minilm/lifecycle.py, StepScalars) and hands them to
+`check` during the *next* step, after its backward has been queued and before its update: the
+weights are still the pre-step ones. Cost: microseconds of host work per step for the RNG
+copies. `diagnostics.forensics=false` removes them.
 
 A step triggers when its loss or gradient norm is non-finite; under fp16 only when its loss is,
 because non-finite scaled gradients are the loss scaler's routine probing (amp/skipped_steps).
@@ -17,14 +16,14 @@ At the first trigger, the bundle `run_dir/forensics/step_XXXXXX.pt` (`_rankR` un
 the batches, model / optimizer / scaler / RNG state from before the step, the config, and where
 values first went non-finite: the step is replayed once in-process (`replay_step`) to name the
 first non-finite module output and gradient, and with `diagnostics.activation_hooks=true` the
-first non-finite module seen live during training is recorded as well. `scripts/replay.py`
-replays a bundle under torch.autograd.detect_anomaly.
+first non-finite module seen live during training is recorded as well. `minilm-replay BUNDLE`
+(`main` below) replays a bundle under torch.autograd.detect_anomaly.
 
 One caveat: a non-finite loss with finite gradients (possible, e.g. a -inf target logit) is a
 finite update and is applied; the bundle then says `pre_step_weights: False`.
 """
 
-import dataclasses
+import argparse
 import math
 import warnings
 from contextlib import nullcontext
@@ -35,9 +34,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from minilm import checkpoint
-from minilm.model import GPT, ModelConfig, lm_loss
+from minilm.config import Config
+from minilm.errors import exit_on_input_error
+from minilm.model import GPT, lm_loss
 from minilm.precision import Precision
-from minilm.repro import rng_state, set_rng_state
+from minilm.seeding import rng_state, set_rng_state
 
 
 class ActivationWatch:
@@ -90,11 +91,12 @@ def replay_step(bundle: dict, device: torch.device, anomaly: bool = False) -> di
     """
     caller_rng = rng_state()
     try:
-        model = GPT(ModelConfig(**bundle["model_config"])).to(device)  # its init draws from the RNG
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), bundle["config"])
+        model = GPT(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.norm), bundle["vocab_size"])
+        model = model.to(device)  # its init draws from the RNG: restored below
         model.load_state_dict(bundle["model"])
         model.train()
-        precision_cfg = bundle["config"]["precision"]
-        precision = Precision(precision_cfg["name"], device, tf32=precision_cfg.get("tf32", False))
+        precision = Precision(OmegaConf.to_object(cfg.precision), device)
         precision.load_state_dict(bundle["scaler"])
         set_rng_state(bundle["rng"])
         watch = ActivationWatch(model)
@@ -111,9 +113,9 @@ def replay_step(bundle: dict, device: torch.device, anomaly: bool = False) -> di
                     with context:
                         with precision.autocast():
                             logits = model(x.to(device))
-                        loss, ce, _ = lm_loss(logits, y.to(device), bundle["config"]["optim"].get("z_loss", 0.0))
-                        losses.append(ce.detach())
-                        precision.backward(loss / len(bundle["batches"]))
+                        parts = lm_loss(logits, y.to(device), cfg.optim.z_loss)
+                        losses.append(parts.ce.detach())
+                        precision.backward(parts.loss / len(bundle["batches"]))
             except RuntimeError as err:
                 error = str(err)
                 forward_trace = next((str(w.message) for w in caught if "Traceback of forward call" in str(w.message)),
@@ -149,41 +151,34 @@ class Forensics:
         self.completed: dict | None = None  # the last finished step, not yet checked
         self.captured: dict = {}  # forensics/* summary entries, once a bundle is written
 
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int, rng: dict) -> None:
+        """Remember the step about to run: `rng` is every RNG's state before it (seeding.rng_state)."""
         if not self.enabled or self.captured:
             return
         if self.watch:
             self.watch.take()  # drop what evaluation or sampling ran through the hooks since the last step
-        scale = self.precision.scaler.scale(torch.ones((), device=self.device)) if self.precision.uses_scaler else None
-        self.current = {"step": step, "rng": rng_state(), "scale": scale, "batches": [],
+        self.current = {"step": step, "rng": rng, "scale": self.precision.scale_tensor(self.device), "batches": [],
                         "lr": self.optimizer.param_groups[0]["lr"]}
 
     def add_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.current is not None:
             self.current["batches"].append((x, y))
 
-    def end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    def end_step(self) -> None:
         if self.current is None:
             return
-        values = torch.stack([loss.float(), grad_norm.float()])
-        ready = None
-        if values.is_cuda:
-            # Copy to the host now and wait on this event later: the wait then covers only this
-            # step's work, not the next step's forward and backward queued behind it.
-            values = values.to("cpu", non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        self.current.update(values=values, ready=ready, flags=self.watch.take() if self.watch else [])
+        self.current["flags"] = self.watch.take() if self.watch else []
         self.completed, self.current = self.current, None
 
-    def check(self) -> None:
-        """Look at the last finished step. Call before the next update touches the weights."""
+    def drop_step(self) -> None:
+        """Forget the step in flight (the trainer abandoned it before its update)."""
+        self.current = None
+
+    def check(self, step: int, loss: float, grad_norm: float) -> None:
+        """Look at a finished step's loss and grad norm. Call before the next update touches the weights."""
         record, self.completed = self.completed, None
-        if record is None:
+        if record is None or record["step"] != step:
             return
-        if record["ready"] is not None:
-            record["ready"].synchronize()
-        loss, grad_norm = record["values"].tolist()
         finite_grads = math.isfinite(grad_norm) or self.precision.uses_scaler
         if math.isfinite(loss) and finite_grads:
             return
@@ -199,8 +194,8 @@ class Forensics:
             "pre_step_weights": not math.isfinite(grad_norm),  # a step with non-finite gradients was skipped
             "batches": [(x.cpu(), y.cpu()) for x, y in record["batches"]],
             "rng": record["rng"], "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": scaler, "model_config": dataclasses.asdict(self.model.cfg),
-            "config": OmegaConf.to_container(self.cfg, resolve=True), "device": str(self.device),
+            "scaler": scaler, "vocab_size": self.model.vocab_size,
+            "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True), "device": str(self.device),
             "live_first_nonfinite_module": first_nonfinite(record["flags"]),
         }
         bundle["nonfinite_params"] = nonfinite_tensors(bundle["model"])
@@ -223,10 +218,53 @@ class Forensics:
                  f"output: {self.captured['forensics/first_nonfinite_module']}, parameter: "
                  f"{self.captured['forensics/first_nonfinite_param']}, gradient: "
                  f"{self.captured['forensics/first_nonfinite_grad']}. Replay bundle: {path} "
-                 f"(python scripts/replay.py {path})")
+                 f"(minilm-replay {path})")
         self.current = None  # one bundle per run: the first non-finite step is the one that explains the rest
         if self.watch:
             self.watch.remove()
 
     def summary(self) -> dict:
         return self.captured
+
+
+# ---------------------------------------------------------------- the replay command
+
+
+def replay(argv: list[str] | None = None) -> int:
+    """Replay the step a bundle captured and say what went non-finite first. Exit status 0 when the
+    replay reproduces a non-finite value, 1 when the step comes out clean (e.g. it depended on
+    nondeterministic kernels)."""
+    parser = argparse.ArgumentParser(description=replay.__doc__)
+    parser.add_argument("bundle", type=Path, help="a forensics/step_XXXXXX.pt file from a run dir")
+    parser.add_argument("--device", help="where to replay (default: the run's device if present here, else cpu)")
+    args = parser.parse_args(argv)
+
+    bundle = checkpoint.load(args.bundle)
+    recorded = torch.device(bundle["device"])
+    device = torch.device(args.device) if args.device else (
+        recorded if recorded.type == "cpu" or torch.cuda.is_available() else torch.device("cpu"))
+    print(f"bundle {args.bundle}: step {bundle['step']} (rank {bundle['rank']}), "
+          f"precision {bundle['config']['precision']['name']}, lr {bundle['lr']:.3g}, "
+          f"{len(bundle['batches'])} micro-batch(es)")
+    print(f"recorded during training: loss {bundle['loss']}, grad norm {bundle['grad_norm']}; first non-finite "
+          f"module output {bundle['live_first_nonfinite_module'] or bundle['first_nonfinite_module']}, "
+          f"gradient {bundle['first_nonfinite_grad']}")
+    if not bundle["pre_step_weights"]:
+        print("note: the step's gradients were finite, so its update was applied: the weights are post-step")
+
+    result = replay_step(bundle, device, anomaly=True)
+    print(f"\nreplay on {device} under torch.autograd.detect_anomaly(check_nan=True):")
+    print(f"  loss {result['loss']}, grad norm {result['grad_norm']}")
+    print(f"  non-finite parameters before the step: {', '.join(result['nonfinite_params']) or 'none'}")
+    print(f"  first non-finite module output (forward): {result['first_nonfinite_module'] or 'none'}")
+    print(f"  first non-finite gradient (backward): {result['first_nonfinite_grad'] or 'none'}")
+    print(f"  anomaly: {result['anomaly'] or 'none'}")
+    if result["anomaly_forward_trace"]:
+        print("  " + result["anomaly_forward_trace"].strip().replace("\n", "\n  "))
+    print(f"\nreproduced: {'yes' if result['reproduced'] else 'no, the step is clean on replay'}")
+    return 0 if result["reproduced"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`minilm-replay` / scripts/replay.py."""
+    return exit_on_input_error(replay, argv)

@@ -13,42 +13,22 @@ one of them (including the optional per-head query/key norm) at once.
 """
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minilm.config import ModelConfig, NormConfig
 from minilm.norms import build_norm
 
-PLACEMENTS = ("pre", "post", "sandwich")
-INITS = ("gpt2", "xavier")
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    block_size: int = 128
-    mlp_ratio: int = 4
-    dropout: float = 0.0
-    bias: bool = True
-    tie_embeddings: bool = True
-    placement: str = "pre"
-    init: str = "gpt2"
-    qk_norm: bool = False
-    norm_kind: str = "layernorm"
-    norm_eps: float = 1e-5
-    norm_affine: bool = True
-
-    def norm(self, dim: int | None = None) -> nn.Module:
-        return build_norm(self.norm_kind, dim or self.d_model, self.norm_eps, self.norm_affine, self.bias)
+NormFactory = Callable[[int], nn.Module]  # a norm over the last dim of the given size
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, norm: NormFactory):
         super().__init__()
         self.n_head = cfg.n_head
         self.d_head = cfg.d_model // cfg.n_head
@@ -56,8 +36,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         # qk-norm (Wortsman et al. 2023): normalizing each head's queries and keys
         # bounds the attention logits, which otherwise grow with the learning rate.
-        self.q_norm = cfg.norm(self.d_head) if cfg.qk_norm else nn.Identity()
-        self.k_norm = cfg.norm(self.d_head) if cfg.qk_norm else nn.Identity()
+        self.q_norm = norm(self.d_head) if cfg.qk_norm else nn.Identity()
+        self.k_norm = norm(self.d_head) if cfg.qk_norm else nn.Identity()
         self.dropout = cfg.dropout
 
     def project_qkv(self, x: torch.Tensor):
@@ -89,16 +69,16 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, norm: NormFactory):
         super().__init__()
         self.placement = cfg.placement
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, norm)
         self.mlp = MLP(cfg)
-        self.norm_attn = cfg.norm()
-        self.norm_mlp = cfg.norm()
+        self.norm_attn = norm(cfg.d_model)
+        self.norm_mlp = norm(cfg.d_model)
         if cfg.placement == "sandwich":
-            self.norm_attn_out = cfg.norm()
-            self.norm_mlp_out = cfg.norm()
+            self.norm_attn_out = norm(cfg.d_model)
+            self.norm_mlp_out = norm(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,16 +93,18 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, norm_cfg: NormConfig, vocab_size: int):
         super().__init__()
-        self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.cfg, self.vocab_size = cfg, vocab_size
+        # LayerNorm's bias follows model.bias, like the linears'
+        norm = partial(build_norm, str(norm_cfg.kind), eps=norm_cfg.eps, affine=norm_cfg.affine, bias=cfg.bias)
+        self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, norm) for _ in range(cfg.n_layer))
         # Post-norm already ends every block with a norm; the others need a final one.
-        self.norm_f = cfg.norm() if cfg.placement != "post" else nn.Identity()
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.norm_f = norm(cfg.d_model) if cfg.placement != "post" else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self._init_weights(cfg.init)
@@ -157,7 +139,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (batch, time, vocab) for token ids (batch, time)."""
         T = idx.shape[1]
-        if T > self.cfg.block_size:
+        if self.cfg.block_size < T:
             raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
@@ -177,15 +159,21 @@ class GPT(nn.Module):
         return idx
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0):
+class LossParts(NamedTuple):
+    loss: torch.Tensor      # what to optimize: cross-entropy + z-loss term
+    ce: torch.Tensor        # next-token cross-entropy (what train/loss logs)
+    z_term: torch.Tensor    # z_loss * mean(log Z)^2 (0 when z_loss is 0)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0) -> LossParts:
     """Next-token cross-entropy (+ z_loss * mean(log Z)^2), computed in fp32.
 
-    Returns (loss to optimize, cross-entropy, z-loss term). z-loss (PaLM; Wortsman
-    et al. 2023) keeps the softmax normalizer log Z near 0, preventing output-logit drift.
+    z-loss (PaLM; Wortsman et al. 2023) keeps the softmax normalizer log Z near 0,
+    preventing output-logit drift.
     """
     logits = logits.float()
     ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
     if z_loss == 0.0:
-        return ce, ce, torch.zeros_like(ce)
+        return LossParts(ce, ce, torch.zeros_like(ce))
     z_term = z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
-    return ce + z_term, ce, z_term
+    return LossParts(ce + z_term, ce, z_term)

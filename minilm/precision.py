@@ -11,29 +11,70 @@ skips the step, and for fp32/bf16 we hand the fused AdamW the same on-device
 `found_inf` flag the scaler would, so the check costs no host synchronization.
 """
 
+import time
+import warnings
 from contextlib import nullcontext
 
 import torch
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+from minilm.config import PrecisionConfig
+
 _AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+_warned_slow_paths: set[tuple[str, str]] = set()
+
+
+def matmul_slowdown(dtype: torch.dtype, device: torch.device, n: int = 128, reps: int = 3) -> float:
+    """How many times slower an n x n matmul is in `dtype` than in fp32 on `device` (best of `reps`)."""
+    def best(dt):
+        a = torch.randn(n, n, device=device).to(dt)
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(dtype) / best(torch.float32)
+
+
+SLOW_PATH_FACTOR = 4.0  # a 16-bit matmul this many times slower than fp32 runs on a reference path
+
+
+def warn_if_slow_path(name: str, device: torch.device) -> None:
+    """Warn once per process when the precision's matmuls run on a slow reference path on this CPU (fp16 on
+    CPUs without native fp16 matmul kernels: often ~100x slower than fp32). Measured, not guessed: ~10 ms."""
+    dtype = _AUTOCAST_DTYPES[name]
+    if dtype is None or device.type != "cpu" or name in _warned_slow_paths:
+        return
+    _warned_slow_paths.add(name)
+    factor = matmul_slowdown(dtype, device)
+    if factor > SLOW_PATH_FACTOR:
+        warnings.warn(f"precision={name} on this CPU runs matmuls on a slow reference path (a 128x128 {name} "
+                      f"matmul took {factor:.0f}x the fp32 time here); expect slow steps, or use precision=fp32"
+                      f"{' or bf16' if name == 'fp16' else ''}", stacklevel=2)
 
 
 class Precision:
-    def __init__(self, name: str, device: torch.device, init_scale: float = 65536.0,
-                 growth_interval: int = 2000, tf32: bool = False):
-        if name not in PRECISIONS:
-            raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}")
-        self.name = name
+    def __init__(self, cfg: PrecisionConfig, device: torch.device):
+        self.name = str(cfg.name)
         self.device_type = device.type
-        self.autocast_dtype = _AUTOCAST_DTYPES[name]
+        self.autocast_dtype = _AUTOCAST_DTYPES[self.name]
         self.scaler = torch.amp.GradScaler(
-            self.device_type, init_scale=init_scale, growth_interval=growth_interval,
-            enabled=name == "fp16",
+            self.device_type, init_scale=cfg.init_scale, growth_interval=cfg.growth_interval,
+            enabled=self.name == "fp16",
         )
         if self.device_type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
-            torch.backends.cudnn.allow_tf32 = bool(tf32)
+            torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
+            torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
+        warn_if_slow_path(self.name, device)
+
+    def describe(self) -> str:
+        """What runs, for the log and the environment record."""
+        if self.autocast_dtype is None:
+            return "fp32" + (" (TF32 matmuls)" if self.device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+                             else "")
+        scaling = " with dynamic loss scaling (GradScaler)" if self.uses_scaler else ""
+        return f"{self.name} autocast on {self.device_type}{scaling}, fp32 weights and optimizer state"
 
     @property
     def uses_scaler(self) -> bool:
@@ -51,13 +92,16 @@ class Precision:
         """Bring gradients back to their true scale (call before clipping)."""
         self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> None:
-        """Apply the update unless some gradient is non-finite (`grad_norm` is their global norm)."""
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor | None = None) -> None:
+        """Apply the update unless some gradient is non-finite (`grad_norm` is their global norm;
+        None: no check outside fp16, e.g. for a bare benchmark loop)."""
         if self.uses_scaler:
             self.scaler.step(optimizer)
             self.scaler.update()
             return
-        if getattr(optimizer, "_step_supports_amp_scaling", False):
+        if grad_norm is None:
+            optimizer.step()
+        elif getattr(optimizer, "_step_supports_amp_scaling", False):
             optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
             optimizer.step()
             del optimizer.found_inf
@@ -65,7 +109,12 @@ class Precision:
             optimizer.step()
 
     def scale(self) -> float:
+        """The current loss scale as a float (a host sync under fp16)."""
         return self.scaler.get_scale() if self.uses_scaler else 1.0
+
+    def scale_tensor(self, device: torch.device) -> torch.Tensor | None:
+        """fp16: the current loss scale as a device scalar (no host sync); None without a scaler."""
+        return self.scaler.scale(torch.ones((), device=device)) if self.uses_scaler else None
 
     def state_dict(self) -> dict:
         return self.scaler.state_dict()

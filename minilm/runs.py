@@ -9,7 +9,6 @@ A source is one of
 Every W&B API call goes through `wandb_api()`, the one seam tests replace.
 """
 
-import json
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -17,11 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from minilm.errors import SourceError
 from minilm.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, read_metrics
 
-
-class SourceError(ValueError):
-    """A source that cannot be read; the message says what was expected."""
+REVISIONS_FILE = "config_revisions.yaml"  # config changes a resumed run accepted (minilm/lifecycle.py)
 
 
 @dataclass
@@ -31,25 +29,43 @@ class RunRecord:
     environment: dict = field(default_factory=dict)  # environment.json ({} when not recorded)
     rows: list[dict] | None = None    # metrics rows ({"step": ..., name: value}); None when not available
     summary: dict = field(default_factory=dict)
+    revisions: list[dict] = field(default_factory=list)  # [{"step": s, "changes": {key: {"from", "to"}}}]
 
     def series(self, metric: str) -> dict[int, float]:
         """{step: value} of one metric; non-finite values (logged as "nan", "inf") become floats."""
         return {row["step"]: float(row[metric]) for row in self.rows or () if row.get(metric) is not None}
 
 
-def flatten(node: dict, prefix: str = "") -> dict[str, str]:
-    """A nested config as {"dotted.key": scalar}; lists and other values as their repr."""
+def flatten(node: dict, prefix: str = "", keep_lists: bool = False) -> dict:
+    """A nested config as {"dotted.key": value}; lists as their repr (hashable) unless keep_lists."""
     flat = {}
     for key, value in node.items():
         if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}.", keep_lists))
+        elif isinstance(value, (str, int, float, bool, type(None))) or (keep_lists and isinstance(value, list)):
+            flat[f"{prefix}{key}"] = value
         else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+            flat[f"{prefix}{key}"] = repr(value)
     return flat
 
 
+def _parsed(path: Path, kind: type, default):
+    """A YAML / JSON file of the expected kind, `default` when absent; a broken one is a SourceError."""
+    if not path.exists():
+        return default
+    try:
+        value = yaml.safe_load(path.read_text())  # JSON is YAML
+    except (OSError, yaml.YAMLError) as error:
+        raise SourceError(f"{path} is unreadable ({type(error).__name__}); restore it from the W&B run or a "
+                          f"backup") from None
+    if not isinstance(value, kind):
+        raise SourceError(f"{path} is {'empty' if value is None else 'not a ' + kind.__name__}; restore it from "
+                          f"the W&B run or a backup")
+    return value
+
+
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    return _parsed(path, dict, {})
 
 
 def load_run_dir(path: Path) -> RunRecord:
@@ -57,8 +73,8 @@ def load_run_dir(path: Path) -> RunRecord:
     if not (path / "config.yaml").exists():
         raise SourceError(f"{path} is not a run dir: it has no config.yaml")
     rows = read_metrics(path) if (path / "metrics.jsonl").exists() else None
-    return RunRecord(str(path), yaml.safe_load((path / "config.yaml").read_text()),
-                     _json(path / "environment.json"), rows, _json(path / "summary.json"))
+    return RunRecord(str(path), _parsed(path / "config.yaml", dict, None), _json(path / "environment.json"), rows,
+                     _json(path / "summary.json"), _parsed(path / REVISIONS_FILE, list, []))
 
 
 def load_wandb_run_dir(path: Path) -> RunRecord:
@@ -70,8 +86,8 @@ def load_wandb_run_dir(path: Path) -> RunRecord:
     run_dir = path.parent.parent  # <run dir>/wandb/<this>
     rows = read_metrics(run_dir) if path.parent.name == "wandb" and (run_dir / "metrics.jsonl").exists() else None
     summary = _json(run_dir / "summary.json") if rows is not None else _json(files / "wandb-summary.json")
-    return RunRecord(str(path), yaml.safe_load((files / WANDB_CONFIG_FILE).read_text()),
-                     _json(files / WANDB_ENVIRONMENT_FILE), rows, summary)
+    return RunRecord(str(path), _parsed(files / WANDB_CONFIG_FILE, dict, None), _json(files / WANDB_ENVIRONMENT_FILE),
+                     rows, summary)
 
 
 def find_run_dirs(root: Path) -> list[Path]:

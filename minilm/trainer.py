@@ -1,13 +1,24 @@
-"""The training loop: step, clip, guard, evaluate, checkpoint, resume.
+"""The training loop: step, clip, guard, evaluate, checkpoint, resume, and how a run ends.
 
-One optimizer step = `grad_accum` micro-batches of forward + scaled backward,
-then unscale, global-norm clip (the pre-clip norm is logged), and an update
-that is skipped on device when any gradient is non-finite (see precision.py).
-The host fetches metrics only every `log_interval` steps, so the GPU never
-waits on Python in between.
+One optimizer step = `grad_accum` micro-batches of forward + scaled backward, then unscale,
+global-norm clip (the pre-clip norm is logged), and an update that is skipped on device when
+any gradient is non-finite (see precision.py). The host fetches metrics only every
+`log_interval` steps; each step's loss is also read one step late (lifecycle.StepScalars), so
+divergence is caught at the step it is confirmed without stalling the device.
 
-Distributed data parallel: launched with torchrun, each rank trains on its own
-disjoint slice of every global batch; rank 0 alone logs and writes checkpoints.
+How a run ends (summary.json `outcome`, the process exit code in minilm/errors.py):
+    completed    max_steps reached; val loss and a sample at the end
+    diverged     divergence confirmed (minilm/divergence.py): the run stops at that step, its
+                 metrics are flushed and checkpoints/diverged.pt holds the state after that step
+    interrupted  SIGINT / SIGTERM / SIGUSR1: the step finishes, metrics are flushed, a checkpoint
+                 is written; the same command resumes
+    failed       an exception: the summary records it and W&B is finished
+Whatever happens, `close()` finishes W&B and closes the metrics file, and one closing line says
+how the run ended and where it lives. A checkpoint is never ahead of the metrics it implies:
+pending rows are flushed before every checkpoint.
+
+Distributed data parallel: launched with torchrun, each rank trains on its own disjoint slice of
+every global batch; rank 0 alone logs and writes checkpoints.
 """
 
 import gc
@@ -15,8 +26,8 @@ import json
 import logging
 import math
 import os
-import signal
 import time
+from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -25,29 +36,23 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from minilm import checkpoint
-from minilm.config import validate
-from minilm.data import BatchSampler, eval_batches, prepare_data
+from minilm.config import check_runnable, resolve_device, validate
+from minilm.data import TokenWindowSampler, eval_batches, prepare_data
 from minilm.diagnostics import Diagnostics, peak_memory_mb
+from minilm.divergence import DivergenceMonitor
+from minilm.environment import environment_record
+from minilm.errors import EXIT_CODES, CheckpointError, DataError, MinilmError, RunDirError
 from minilm.forensics import Forensics
-from minilm.model import GPT, ModelConfig, lm_loss
+from minilm.lifecycle import RunDir, StepScalars, StopSignals, check_architecture, check_resume, plain
+from minilm.model import GPT, lm_loss
 from minilm.precision import Precision
-from minilm.repro import environment_record, rng_state, seed_everything, set_deterministic, set_rng_state
+from minilm.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, torch_rng_state
 from minilm.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, Tracker
 
 log = logging.getLogger("minilm")
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def model_config(cfg, vocab_size: int) -> ModelConfig:
-    m = cfg.model
-    return ModelConfig(
-        vocab_size=vocab_size, n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model,
-        block_size=m.block_size, mlp_ratio=m.mlp_ratio, dropout=m.dropout, bias=m.bias,
-        tie_embeddings=m.tie_embeddings, placement=m.placement, init=m.init, qk_norm=m.qk_norm,
-        norm_kind=cfg.norm.kind, norm_eps=cfg.norm.eps, norm_affine=cfg.norm.affine,
-    )
 
 
 def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.AdamW:
@@ -74,57 +79,62 @@ def lr_at(step: int, optim_cfg, max_steps: int) -> float:
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """About how large one checkpoint is: the parameters plus AdamW's two moments, in fp32."""
+    return sum(3 * p.numel() * 4 for p in model.parameters()) + (1 << 20)
+
+
 class Trainer:
-    def __init__(self, cfg, run_dir: Path, overrides: list[str] = ()):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = validate(cfg)  # every config error surfaces before any work
+    def __init__(self, cfg, run_dir: Path, overrides: list[str] = (), choices: dict | None = None):
+        validate(cfg)  # every config error surfaces before any work
+        self.cfg, self.overrides, self.choices = cfg, list(overrides), choices or {}
+        self.device = resolve_device(cfg.device)
+        check_runnable(cfg, self.device)
         set_deterministic(cfg.deterministic)  # before CUDA initializes
         self.rank, self.world_size = self._init_distributed()
         self.is_main = self.rank == 0
         if self.world_size > 1:  # ranks may disagree on a timestamped dir: rank 0's is the run's
-            shared = [str(self.run_dir)]
+            shared = [str(run_dir)]
             dist.broadcast_object_list(shared, src=0)
-            self.run_dir = Path(shared[0])
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+            run_dir = shared[0]
+        self.run = RunDir(run_dir) if self.is_main else None
+        self.run_dir = Path(run_dir)
+        if self.is_main and str(cfg.train.resume) == "none":
+            archived = self.run.archive()
+            if archived:
+                log.info(f"train.resume=none: the earlier run's files in {self.run_dir} moved to {archived}")
 
         seed_everything(cfg.seed)  # identical model init on every rank
         self.data = self._prepare_data()
-        self.model = GPT(model_config(cfg, self.data.vocab_size)).to(self.device)
+        self.model = GPT(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.norm), self.data.vocab_size)
+        self.model = self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        p = cfg.precision
-        self.precision = Precision(p.name, self.device, init_scale=p.get("init_scale", 65536.0),
-                                   growth_interval=p.get("growth_interval", 2000), tf32=p.get("tf32", False))
-        self.sampler = BatchSampler(self.data.train, cfg.model.block_size, cfg.train.batch_size, cfg.seed,
-                                    self.rank, self.world_size)
+        self.precision = Precision(OmegaConf.to_object(cfg.precision), self.device)
+        self.sampler = TokenWindowSampler(self.data.train, cfg.model.block_size, cfg.train.batch_size, cfg.seed,
+                                          self.rank, self.world_size)
         self.val_batches = eval_batches(self.data.val, cfg.model.block_size, cfg.train.batch_size,
                                         cfg.train.eval_batches)
         self.train_model = self._wrap_model()
         self.diagnostics = Diagnostics(self.model, self.precision, cfg.diagnostics, enabled=self.is_main)
         self.forensics = Forensics(self.model, self.optimizer, self.precision, cfg, self.run_dir, self.device,
                                    self.rank, self.world_size, log=log.error)
-        self.step = 0
-        self.skipped_steps = 0
-        self.diverged_at = None
+        # a uniform prediction's loss, plus a margin for the loss at init; see minilm/divergence.py
+        self.divergence = DivergenceMonitor(math.log(self.data.vocab_size) + cfg.train.divergence_margin,
+                                            cfg.train.divergence_window)
+        self.scalars = StepScalars()
+        self.signals = StopSignals()
+        self.step = self.skipped_steps = 0
         self.last_healthy: dict = {}
-        self.stop_signal = None
-        # a uniform prediction's loss; a run above it (plus a margin for init noise) has diverged
-        self.divergence_threshold = math.log(self.data.vocab_size) + cfg.train.get("divergence_margin", 0.5)
+        self.recent_rows: deque = deque(maxlen=cfg.train.divergence_window + cfg.train.log_interval + 1)
+        self.val_loss = self.best_val_loss = None
+        self.tracker: Tracker | None = None
+        self.summary: dict | None = None
         seed_everything(cfg.seed + self.rank)  # per-rank stream for dropout and sampling
 
-        resume_from = self._resume_source()
-        state = checkpoint.load(resume_from) if resume_from else None
-        if state:
-            self._load_state(state)
-            log.info(f"resumed from {resume_from} at step {self.step}")
-        self.tracker = None
+        resumed = self._resume()
         if self.is_main:
-            config = OmegaConf.to_container(cfg, resolve=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            self.tracker = Tracker(self.run_dir, cfg.logger, config, list(overrides),
-                                   resume_id=state.get("wandb_id") if state else None, log=log.info,
-                                   resume_step=self.step if state else None)
-            self._write_environment()
-            self.tracker.save_file(self.run_dir / "config.yaml", WANDB_CONFIG_FILE)
+            self._check_free_space()
+            self._start_tracking(resumed)
 
     # ------------------------------------------------------------ setup
     def _init_distributed(self) -> tuple[int, int]:
@@ -143,37 +153,72 @@ class Trainer:
     def _prepare_data(self):
         # Rank 0 builds the token cache; the others wait, then read it.
         if self.is_main:
-            data = prepare_data(self.cfg.data, log=log.info)
+            data = prepare_data(self.cfg.data, self.cfg.paths.cache_dir, log=log.info)
         if self.world_size > 1:
             dist.barrier()
-        return data if self.is_main else prepare_data(self.cfg.data, log=log.info)
+        return data if self.is_main else prepare_data(self.cfg.data, self.cfg.paths.cache_dir, log=log.info)
 
     def _wrap_model(self) -> torch.nn.Module:
         model = self.model
         if self.world_size > 1:
-            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=device_ids)
         if self.cfg.train.compile:
             model = torch.compile(model, backend=self.cfg.train.compile_backend)
         return model
 
-    def _resume_source(self) -> Path | None:
-        resume = self.cfg.train.resume
-        if resume in (None, "none", False):
+    def _resume(self) -> dict | None:
+        """Load the checkpoint to continue from, after checking it fits this run; returns what was resumed."""
+        resume, train_cfg = str(self.cfg.train.resume), self.cfg.train
+        in_place = resume == "auto"
+        if resume == "none":
             return None
-        if resume == "auto":
-            return checkpoint.find_checkpoint(self.run_dir)
-        found = checkpoint.find_checkpoint(Path(str(resume)))
-        if found is None:
-            raise FileNotFoundError(f"train.resume={resume!r}: no checkpoint there; pass a .pt file or a run dir "
-                                    f"with checkpoints/{checkpoint.LAST}")
-        return found
+        loaded = checkpoint.load_latest(self.run_dir if in_place else Path(resume), log=log.warning)
+        if loaded is None:
+            if not in_place:
+                raise CheckpointError(f"train.resume={resume}: no checkpoint there; pass a .pt file or a run dir with "
+                                      f"checkpoints/{checkpoint.LAST}")
+            logged = self.run.logged_config() if self.is_main else None
+            if logged:  # an earlier attempt stopped before its first checkpoint: it starts over here
+                changes = check_resume(logged, self.cfg, 0, train_cfg.allow_config_change)
+                if changes:
+                    self.run.record_revision(0, changes)
+            return None
+        state, path = loaded
+        if state["data_fingerprint"] != self.data.fingerprint:
+            raise DataError(f"the checkpoint {path} was trained on other data (its fingerprint differs); resume "
+                            f"with the run's data config, or start a new run dir")
+        check_architecture(state["model"], self.model, path)
+        changes = check_resume(state["config"], self.cfg, state["step"], train_cfg.allow_config_change)
+        if changes and self.is_main and in_place:
+            self.run.record_revision(state["step"], changes)
+        self._load_state(state)
+        log.info(f"resumed from {path} at step {self.step}")
+        return {"path": str(path), "step": self.step, "in_place": in_place, "wandb_id": state.get("wandb_id")}
 
-    def _write_environment(self) -> None:
+    def _check_free_space(self) -> None:
+        needed = 3 * checkpoint_bytes(self.model)  # last.pt, previous.pt and the one being written
+        free = checkpoint.free_bytes(self.run_dir)
+        if free < needed:
+            raise RunDirError(f"the run dir {self.run_dir} has {free} bytes free and checkpoints need about {needed}; "
+                              f"free some space or pass another hydra.run.dir")
+
+    def _start_tracking(self, resumed: dict | None) -> None:
+        config = plain(self.cfg)
+        if not (self.run_dir / "config.yaml").exists():
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+        in_place = resumed is None or resumed["in_place"]
+        wandb_id = (resumed or {}).get("wandb_id") if resumed else self.run.wandb_id()
+        self.tracker = Tracker(self.run_dir, self.cfg.logger, config, self.overrides,
+                               start_step=self.step, resume_id=wandb_id if in_place else None, choices=self.choices)
         record = environment_record(self.device)
         record.update(data_fingerprint=self.data.fingerprint, token_cache=str(self.data.cache_dir),
                       wandb_run_id=self.tracker.wandb_id, n_params=self.model.num_params(),
-                      world_size=self.world_size)
+                      world_size=self.world_size, precision=self.precision.describe())
+        if resumed and not resumed["in_place"]:
+            record["resumed_from"] = {"checkpoint": resumed["path"], "step": resumed["step"]}
         (self.run_dir / "environment.json").write_text(json.dumps(record, indent=1))
+        self.tracker.save_file(self.run_dir / "config.yaml", WANDB_CONFIG_FILE)
         self.tracker.save_file(self.run_dir / "environment.json", WANDB_ENVIRONMENT_FILE)
 
     # ------------------------------------------------------------ checkpoints
@@ -186,49 +231,59 @@ class Trainer:
             "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.state_dict(), "sampler": self.sampler.state_dict(), "rng": rngs,
             "skipped_steps": self.skipped_steps, "wandb_id": self.tracker.wandb_id if self.tracker else None,
-            "diagnostics": self.diagnostics.state_dict(),
-            "data_fingerprint": self.data.fingerprint, "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "diagnostics": self.diagnostics.state_dict(), "divergence": self.divergence.state_dict(),
+            "last_healthy": self.last_healthy, "best_val_loss": self.best_val_loss,
+            "data_fingerprint": self.data.fingerprint, "config": plain(self.cfg),
         }
 
     def _load_state(self, state: dict) -> None:
-        if state["data_fingerprint"] != self.data.fingerprint:
-            raise RuntimeError("the checkpoint was trained on different data (fingerprint differs); "
-                               "resume with the same data config or start a new run dir")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
-        self.diagnostics.load_state_dict(state.get("diagnostics"))
+        self.diagnostics.load_state_dict(state["diagnostics"])
+        self.divergence.load_state_dict(state["divergence"])
+        self.last_healthy, self.best_val_loss = state["last_healthy"], state["best_val_loss"]
         rngs = state["rng"]
         set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
 
     def save_checkpoint(self, name: str = checkpoint.LAST) -> None:
         state = self.state_dict()  # every rank joins the RNG gather
         if self.is_main:
-            checkpoint.save_atomic(state, self.run_dir / "checkpoints" / name)
+            checkpoint.save_atomic(state, self.run_dir / "checkpoints" / name, keep_previous=name == checkpoint.LAST)
 
     # ------------------------------------------------------------ steps
-    def _to_device(self, batch):
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next training micro-batch (inputs, targets), on the device."""
+        batch = self.sampler.next_batch()
         if self.device.type == "cuda":  # pinned memory lets the copy overlap compute
             return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
         return batch
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; returns (mean cross-entropy, pre-clip grad norm) as device tensors."""
-        cfg = self.cfg
-        lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
+    def set_lr(self, step: int) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr_at(step, self.cfg.optim, self.cfg.train.max_steps)
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One optimizer step; returns (mean cross-entropy, pre-clip grad norm) as device tensors.
+
+        Returns None, leaving the state as the previous step left it, when the previous step turned out to
+        confirm a divergence and the run stops there (train.stop_on_divergence).
+        """
+        cfg = self.cfg
+        step = self.step + 1  # as logged
+        self.set_lr(self.step)
+        # what it takes to abandon this step, or to replay it (forensics)
+        snapshot = {"sampler": self.sampler.state_dict(), "rng": torch_rng_state()}
+        sampled = self.diagnostics.sampled(step)
+        self.forensics.begin_step(step, snapshot["rng"])
         accum = cfg.train.grad_accum
         ce_total = torch.zeros((), device=self.device)
         z_total = torch.zeros((), device=self.device)
-        step = self.step + 1  # as logged
-        sampled = self.diagnostics.sampled(step)
-        self.forensics.begin_step(step)
         anomaly = torch.autograd.detect_anomaly() if cfg.detect_anomaly else nullcontext()
         for micro in range(accum):
-            x, y = self._to_device(self.sampler.next_batch())
+            x, y = self.next_batch()
             self.forensics.add_batch(x, y)
             if sampled and micro == 0:
                 self.diagnostics.observe_forward(step, x)
@@ -237,11 +292,14 @@ class Trainer:
             with no_sync, anomaly:
                 with self.precision.autocast():
                     logits = self.train_model(x)
-                loss, ce, z_term = lm_loss(logits, y, cfg.optim.z_loss)
-                self.precision.backward(loss / accum)
-            ce_total += ce.detach()
-            z_total += z_term.detach()
-        self.forensics.check()  # the previous step's, now that this one is queued and before the weights move
+                parts = lm_loss(logits, y, cfg.optim.z_loss)
+                self.precision.backward(parts.loss / accum)
+            ce_total += parts.ce.detach()
+            z_total += parts.z_term.detach()
+        # This step's work is queued; settle the previous step while the weights are still untouched.
+        if self._settle_previous_step():
+            self._abandon_step(snapshot)
+            return None
         self.precision.unscale_(self.optimizer)
         if sampled:
             self.diagnostics.observe_gradients(step)
@@ -253,41 +311,63 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         mean_ce, grad_norm = ce_total / accum, grad_norm.detach()
-        self.forensics.end_step(mean_ce, grad_norm)
+        if self.world_size > 1:  # every rank sees the mean loss (queued on the device: no host sync)
+            dist.all_reduce(mean_ce)
+            mean_ce /= self.world_size
+        self.forensics.end_step()
+        self.scalars.record(step, mean_ce, grad_norm)
         if cfg.optim.z_loss:
             self.diagnostics.record(step, {"train/z_loss": z_total / accum})
         return mean_ce, grad_norm
+
+    def _settle_previous_step(self) -> bool:
+        """Read the last finished step's loss on the host: forensics and divergence look at it.
+        True when it confirmed a divergence that stops the run."""
+        settled = self.scalars.settle()
+        if settled is None:
+            return False
+        step, loss, grad_norm = settled
+        self.forensics.check(step, loss, grad_norm)
+        if not self.divergence.update(step, loss):
+            return False
+        monitor = self.divergence
+        self.last_healthy = next((row for row in reversed(self.recent_rows) if row["step"] < monitor.diverged_at),
+                                 self.last_healthy if self.last_healthy.get("step", 0) < monitor.diverged_at else {})
+        log.error(f"diverged at step {monitor.diverged_at}, confirmed at step {step}: train/loss={loss:.4g} "
+                  f"(non-finite, or above {monitor.threshold:.3f} for train.divergence_window="
+                  f"{monitor.window} steps)")
+        return bool(self.cfg.train.stop_on_divergence)
+
+    def _abandon_step(self, snapshot: dict) -> None:
+        """Undo a step whose update was not applied: the run stops at the previous step, as that step left it."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.sampler.load_state_dict(snapshot["sampler"])
+        set_rng_state(snapshot["rng"])
+        self.forensics.drop_step()
+        self.diagnostics.drop_after(self.step)
 
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for batch in self.val_batches:
-            x, y = self._to_device(batch)
+            x, y = (t.to(self.device) for t in batch)
             with self.precision.autocast():
                 logits = self.model(x)
-            total += lm_loss(logits, y)[1]
+            total += lm_loss(logits, y).ce
         self.model.train()
         return (total / len(self.val_batches)).item()
 
     # ------------------------------------------------------------ the loop
-    def _on_signal(self, signum, _frame) -> None:
-        self.stop_signal = signum
-        log.warning(f"received {signal.Signals(signum).name}: checkpointing at the end of this step")
-
     def _flush(self, pending: list, first_step: int, window_start: float) -> None:
-        """Fetch the pending per-step metrics in one host sync, log them, check for divergence."""
-        self.forensics.check()
-        values = torch.stack([torch.stack(pair) for pair in pending])
-        if self.world_size > 1:  # losses are per-rank means: average them; grad norms already agree
-            losses = values[:, 0].contiguous()
-            dist.all_reduce(losses)
-            values[:, 0] = losses / self.world_size
-        rows = values.tolist()
+        """Fetch the pending per-step metrics in one host sync and log them."""
+        self._settle_previous_step()
+        rows = torch.stack([torch.stack(pair) for pair in pending]).tolist()
         diag_rows = self.diagnostics.collect()  # right after that sync: nothing left to wait for
         elapsed = time.perf_counter() - window_start
         tokens = len(rows) * self.cfg.train.batch_size * self.cfg.train.grad_accum * self.cfg.model.block_size
         clip = self.cfg.train.grad_clip
+        diverged_at = self.divergence.diverged_at
         for i, (loss, grad_norm) in enumerate(rows):
             step = first_step + i + 1
             metrics = {"train/loss": loss, "optim/grad_norm": grad_norm,
@@ -307,76 +387,82 @@ class Trainer:
                     metrics["amp/scale"] = self.precision.scale()
             if self.tracker:
                 self.tracker.log(metrics, step)
-            if self.diverged_at is None and not (math.isfinite(loss) and loss <= self.divergence_threshold):
-                self.diverged_at = step
-                log.error(f"diverged at step {step}: train/loss={loss} (non-finite or above "
-                          f"{self.divergence_threshold:.3f}); the non-finite update, if any, was not applied")
-            elif self.diverged_at is None:
-                self.last_healthy = {"step": step, **metrics}
+            row = {"step": step, **metrics}
+            self.recent_rows.append(row)
+            if diverged_at is None or step < diverged_at:
+                self.last_healthy = row
 
-    def fit(self) -> dict:
-        cfg = self.cfg.train
-        if self.step >= cfg.max_steps > 0:  # re-entered a finished run dir: keep its results
-            log.info(f"this run already reached train.max_steps={cfg.max_steps}; nothing left to train")
-            return self._finish("completed", self.evaluate())
-        handlers = {}
-        for sig in PREEMPTION_SIGNALS:
-            try:
-                handlers[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread: the caller handles signals
-                pass
-        self.model.train()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True,
-                   mininterval=1.0, desc="train")
-        pending, first_step, window_start = [], self.step, time.perf_counter()
-        val_loss = None
-        outcome = "completed"
-        try:
-            while self.step < cfg.max_steps:
-                pending.append(self.train_step())
-                last = self.step == cfg.max_steps
-                if self.step % cfg.log_interval == 0 or last or self.stop_signal:
-                    self._flush(pending, first_step, window_start)
-                    bar.update(len(pending))
-                    bar.set_postfix(loss=f"{pending[-1][0].item():.3f}")
-                    pending, first_step, window_start = [], self.step, time.perf_counter()
-                    if self.diverged_at and cfg.stop_on_divergence:
-                        outcome = "diverged"
-                        break
-                if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or last:
-                    val_loss = self.evaluate()
-                    if self.tracker:
-                        self.tracker.log({"val/loss": val_loss}, self.step)
-                    bar.write(f"step {self.step}: val/loss {val_loss:.4f}")
-                if (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or last:
-                    self.save_checkpoint()
-                if self._preempted():
-                    outcome = "preempted"
-                    break
-        finally:
-            bar.close()
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-        return self._finish(outcome, val_loss)
-
-    def _preempted(self) -> bool:
-        flag = self.stop_signal is not None
+    def _stop_requested(self) -> bool:
+        flag = self.signals.received is not None
         if self.world_size > 1:  # all ranks must agree to stop at the same step
             t = torch.tensor(float(flag), device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = bool(t.item())
-        if flag:
-            self.save_checkpoint()
-            log.warning(f"stopped by signal at step {self.step}; checkpoint saved: run the same command "
-                        f"(same run dir) again to resume")
         return flag
 
-    def _finish(self, outcome: str, val_loss: float | None) -> dict:
-        summary = {"outcome": outcome, "step": self.step, "diverged": self.diverged_at is not None,
-                   "diverged_at_step": self.diverged_at, "val/loss": val_loss,
-                   "amp/skipped_steps": self.skipped_steps}
+    def _diverged_stop(self) -> bool:
+        return self.divergence.diverged and bool(self.cfg.train.stop_on_divergence)
+
+    def fit(self, until_step: int | None = None) -> dict:
+        """Train to train.max_steps (or only to `until_step`: outcome "paused", nothing written at the pause)
+        and return the run's summary."""
+        cfg = self.cfg.train
+        end = cfg.max_steps if until_step is None else min(until_step, cfg.max_steps)
+        self.model.train()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True,
+                   mininterval=1.0, desc="train")
+        pending, first_step, window_start = [], self.step, time.perf_counter()
+        outcome = "completed" if end == cfg.max_steps else "paused"
+        logging.captureWarnings(True)  # warnings go through logging, so they print above the progress bar
+        try:
+            with self.signals, logging_redirect_tqdm():
+                while self.step < end and not self._diverged_stop():
+                    result = self.train_step()
+                    if result is not None:
+                        pending.append(result)
+                    ckpt_due = (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or self.step == cfg.max_steps
+                    stop = self._stop_requested()
+                    flush_due = self.step % cfg.log_interval == 0 or self.step == end or ckpt_due or stop
+                    if pending and (flush_due or result is None):
+                        self._flush(pending, first_step, window_start)
+                        bar.update(len(pending))
+                        bar.set_postfix(loss=f"{pending[-1][0].item():.3f}")
+                        pending, first_step, window_start = [], self.step, time.perf_counter()
+                    if result is None or self._diverged_stop():
+                        break
+                    if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or self.step == cfg.max_steps:
+                        self._evaluate_and_log(bar)
+                    if ckpt_due or stop:
+                        self.save_checkpoint()
+                    if stop:
+                        outcome = "interrupted"
+                        break
+                if pending:
+                    self._flush(pending, first_step, window_start)
+        finally:
+            bar.close()
+            logging.captureWarnings(False)
+        if self._diverged_stop():
+            outcome = "diverged"
+        elif outcome == "completed" and self.val_loss is None:  # e.g. resumed from the final checkpoint
+            self._evaluate_and_log(None)
+        return self._finish(outcome)
+
+    def _evaluate_and_log(self, bar) -> None:
+        self.val_loss = self.evaluate()
+        self.best_val_loss = min(self.val_loss, self.best_val_loss or math.inf)
+        if self.tracker:
+            self.tracker.log({"val/loss": self.val_loss}, self.step)
+        (bar.write if bar else log.info)(f"step {self.step}: val/loss {self.val_loss:.4f}")
+
+    def _finish(self, outcome: str) -> dict:
+        summary = {"outcome": outcome, "step": self.step, "max_steps": self.cfg.train.max_steps,
+                   **self.divergence.summary(self.step), "val/loss": self.val_loss,
+                   "val/best_loss": self.best_val_loss, "amp/skipped_steps": self.skipped_steps}
         if outcome == "diverged":
             self.save_checkpoint("diverged.pt")
+        if outcome == "interrupted":
+            summary["stopped_by"] = self.signals.name
         summary.update({f"last_healthy/{k}": v for k, v in self.last_healthy.items()})
         summary.update({**self.diagnostics.running_metrics(), **self.forensics.summary()})
         if self.is_main:
@@ -384,8 +470,43 @@ class Trainer:
                 summary["sample"] = self.sample()
                 log.info("sample:\n" + summary["sample"])
             self.tracker.summary(summary)
-            self.tracker.finish(exit_code=1 if outcome == "diverged" else 0)
+        self.summary = summary
         return summary
+
+    def fail(self, error: BaseException) -> None:
+        """Record in the summary how the run died, if the run dir still takes a write."""
+        interrupted = isinstance(error, KeyboardInterrupt)
+        message = str(error) if isinstance(error, MinilmError) else f"{type(error).__name__}: {error}"
+        self.summary = {"outcome": "interrupted" if interrupted else "failed", "step": self.step,
+                        "max_steps": self.cfg.train.max_steps, **self.divergence.summary(self.step),
+                        "error": None if interrupted else message}
+        if self.tracker:
+            try:
+                self.tracker.summary(self.summary)
+            except OSError as write_error:
+                log.error(f"could not write the summary ({write_error})")
+
+    def closing_line(self) -> str:
+        s, cfg = self.summary, self.cfg.train
+        text = f"run {s['outcome']} at step {s['step']}/{cfg.max_steps}"
+        if s.get("diverged_at_step") is not None:
+            text += f" (diverged at step {s['diverged_at_step']})"
+        if s.get("val/loss") is not None:
+            text += f", val/loss {s['val/loss']:.4f} (best {s['val/best_loss']:.4f})"
+        if s["outcome"] == "interrupted":
+            text += ", checkpoint saved: run the same command to resume" if s.get("stopped_by") else ""
+        text += f"; run dir {self.run_dir}"
+        if self.tracker and self.tracker.wandb_location:
+            text += f"; {self.tracker.wandb_location}"
+        return text
+
+    def close(self) -> None:
+        """Finish W&B and close the metrics file; say how the run ended. Safe to call on every path."""
+        if self.tracker:
+            outcome = (self.summary or {}).get("outcome")
+            self.tracker.finish(exit_code=EXIT_CODES.get(outcome, 1))
+        if self.is_main and self.summary:
+            log.info(self.closing_line())
 
     @torch.no_grad()
     def sample(self, prompt: str = "def") -> str:
@@ -398,13 +519,23 @@ class Trainer:
         return self.data.decode(out[0].tolist())
 
 
-def train(cfg, run_dir: Path, overrides: list[str] = ()) -> dict:
-    """Train one run in `run_dir`; returns its summary."""
-    trainer = Trainer(cfg, run_dir, overrides)
+def train(cfg, run_dir: Path, overrides: list[str] = (), choices: dict | None = None) -> dict:
+    """Train one run in `run_dir` and return its summary; a run that already finished there is not
+    trained again (its summary is returned)."""
+    finished = RunDir(run_dir).finished_summary(cfg)
+    if finished is not None:
+        log.info(f"{run_dir} already finished (outcome {finished['outcome']} at step {finished['step']}); not "
+                 f"training it again (train.resume=none archives it and trains again)")
+        return finished
+    trainer = Trainer(cfg, run_dir, overrides, choices)
     distributed = trainer.world_size > 1
     try:
         return trainer.fit()
+    except BaseException as error:
+        trainer.fail(error)
+        raise
     finally:
+        trainer.close()
         # DDP's reducer holds the process group: destroying the group while the reducer is
         # alive makes its later destructor wait forever on gloo's threads.
         del trainer

@@ -22,17 +22,15 @@ once per train.log_interval steps and microseconds long.
 import argparse
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from minilm.cli import compose  # noqa: E402
-from minilm.trainer import Trainer  # noqa: E402
+from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
+from minilm.cli import compose
+from minilm.trainer import Trainer
 
 KINDS = {"bare": (0, False), "forensics": (0, True), "sampled": (1, True)}  # (diagnostics interval, forensics)
 
@@ -54,6 +52,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30, help="timed steps of each kind")
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
+    cap_onednn_isa_if_amx_is_broken()
 
     steps = args.warmup + args.rounds * len(KINDS)
     cfg = compose([*args.overrides, f"train.max_steps={steps}", "logger=none", "optim.warmup_steps=0"])
@@ -66,8 +65,8 @@ def main() -> None:
         for _ in range(args.rounds):
             for kind in shuffle.sample(list(KINDS), len(KINDS)):
                 trainer.diagnostics.interval, trainer.forensics.enabled = KINDS[kind]
-                trainer.forensics.check()  # settle the previous step's record outside the timing
                 times[kind].append(timed_step(trainer))
+        trainer.close()
 
     ms = {kind: 1000 * statistics.median(t) for kind, t in times.items()}
     rounds = list(zip(times["bare"], times["forensics"], times["sampled"]))

@@ -5,8 +5,8 @@
 
 Runs the real Trainer (logging, diagnostics, checkpoint cadence as configured) and a
 bare loop over the same model, optimizer, precision and batches (forward, backward,
-step: nothing else), alternately `--repeats` times keeping the best of each, and prints tokens/s, step time, the framework's overhead over the
-bare loop, and on CUDA the peak memory and MFU.
+step: nothing else), alternately `--repeats` times keeping the best of each, and prints tokens/s,
+step time, the framework's overhead over the bare loop, and on CUDA the peak memory and MFU.
 
 MFU = achieved model FLOP/s / the bf16 matmul rate measured on this device in the same
 run (an 8192^3 matmul). Model FLOPs per token = 6 * N + 12 * n_layer * block_size * d_model
@@ -16,18 +16,16 @@ and backward; PaLM, Chowdhery et al. 2022, appendix B).
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from minilm.cli import compose  # noqa: E402
-from minilm.model import lm_loss  # noqa: E402
-from minilm.trainer import Trainer, build_optimizer, lr_at  # noqa: E402
+from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
+from minilm.cli import compose
+from minilm.model import lm_loss
+from minilm.trainer import Trainer, build_optimizer, lr_at
 
 
 def sync(device: torch.device) -> None:
@@ -56,29 +54,19 @@ def measured_matmul_flops(device: torch.device, n: int = 8192, reps: int = 10) -
 
 def time_framework(trainer: Trainer, warmup: int, steps: int) -> float:
     """Seconds for `steps` steps of Trainer.fit after `warmup` steps, everything it does included."""
-    marks = {}
-    step_once = trainer.train_step
-
-    def timed_step():
-        if trainer.step == warmup:
-            sync(trainer.device)
-            marks["start"] = time.perf_counter()
-        result = step_once()
-        if trainer.step == warmup + steps:
-            sync(trainer.device)
-            marks["end"] = time.perf_counter()
-        return result
-
-    trainer.train_step = timed_step
-    trainer.fit()
-    return marks["end"] - marks["start"]
+    trainer.fit(until_step=warmup)
+    sync(trainer.device)
+    start = time.perf_counter()
+    trainer.fit(until_step=warmup + steps)
+    sync(trainer.device)
+    return time.perf_counter() - start
 
 
 def time_bare_loop(trainer: Trainer, warmup: int, steps: int) -> float:
     """The same model, optimizer, precision and batches with nothing else around them."""
     model = trainer.train_model
     optimizer = build_optimizer(trainer.model, trainer.cfg.optim)
-    precision, sampler, device = trainer.precision, trainer.sampler, trainer.device
+    precision, device = trainer.precision, trainer.device
     for step in range(warmup + steps):
         if step == warmup:
             sync(device)
@@ -86,12 +74,11 @@ def time_bare_loop(trainer: Trainer, warmup: int, steps: int) -> float:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, trainer.cfg.optim, trainer.cfg.train.max_steps)
         for _ in range(trainer.cfg.train.grad_accum):
-            x, y = trainer._to_device(sampler.next_batch())
+            x, y = trainer.next_batch()
             with precision.autocast():
                 logits = model(x)
-            precision.backward(lm_loss(logits, y)[0] / trainer.cfg.train.grad_accum)
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
+            precision.backward(lm_loss(logits, y).loss / trainer.cfg.train.grad_accum)
+        precision.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
     sync(device)
     return time.perf_counter() - start
@@ -105,6 +92,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="framework / bare-loop pairs; the best of each is kept")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    cap_onednn_isa_if_amx_is_broken()
 
     overrides = [*args.overrides, f"train.max_steps={args.warmup + args.steps}", "train.sample_tokens=0"]
     if not any(o.startswith("logger") for o in args.overrides):
@@ -120,12 +108,14 @@ def main() -> None:
             framework_times.append(time_framework(trainer, args.warmup, args.steps))
             peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
             bare_times.append(time_bare_loop(trainer, args.warmup, args.steps))
+            trainer.close()
     framework_s, bare_s = min(framework_times), min(bare_times)
 
     t = cfg.train
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size * trainer.world_size
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({torch.get_num_threads()} threads)"),
         "overrides": args.overrides, "steps": args.steps, "repeats": args.repeats, "tokens_per_step": tokens_per_step,
         "n_params": trainer.model.num_params(),
         "tokens_per_s": tokens_per_step * args.steps / framework_s,

@@ -1,8 +1,11 @@
 import os
 
-import minilm  # noqa: F401  (its AMX guard must run before any torch op)
 import pytest
 import torch
+
+from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
+
+cap_onednn_isa_if_amx_is_broken()  # before any bf16 matmul, as the entry points do
 
 # Triton kernels run on CPU through the interpreter; it must be set before triton is imported.
 if not torch.cuda.is_available():

@@ -1,29 +1,52 @@
-"""Shared test helpers: compose a config like train.py does and run tiny trainings."""
+"""Shared test helpers: compose a config like train.py does and run small trainings.
 
+Runs train at `size=test` (configs/size/test.yaml): a few seconds each on 2 CPU cores.
+"""
+
+import subprocess
+import sys
 from pathlib import Path
 
 from minilm.cli import compose
-from minilm.trainer import Trainer
 from minilm.tracking import read_metrics
+from minilm.trainer import Trainer, train
 
-# A few seconds per run on 2 CPU cores: tiny model, a slice of the stdlib corpus.
-TINY = ["model=tiny", "model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.block_size=32",
-        "train.batch_size=8", "train.eval_batches=2", "train.log_interval=1", "train.sample_tokens=0",
-        "data.max_files=40", "data.vocab_size=512", "data.val_fraction=0.1", "logger=none"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def with_tiny(overrides: list[str]) -> list[str]:
-    """TINY, with any key the caller sets replaced by the caller's value."""
-    merged = {o.split("=", 1)[0]: o for o in TINY}
-    merged.update({o.split("=", 1)[0]: o for o in overrides})
-    return list(merged.values())
+    """The test size, with the caller's overrides on top."""
+    return ["size=test", *overrides]
+
+
+def make_trainer(overrides: list[str], run_dir: Path) -> Trainer:
+    """A Trainer at the test size, with no warmup (so the first steps already move the weights)."""
+    return Trainer(compose(with_tiny(["optim.warmup_steps=0", *overrides])), Path(run_dir))
 
 
 def run_training(overrides: list[str], run_dir: Path) -> list[dict]:
-    """Train with TINY + overrides in run_dir; return the metrics.jsonl rows."""
-    Trainer(compose(with_tiny(overrides)), Path(run_dir)).fit()
+    """Train at the test size + overrides in run_dir, as train.py does; return the metrics.jsonl rows."""
+    train(compose(with_tiny(overrides)), Path(run_dir), overrides)
     return read_metrics(run_dir)
 
 
 def losses(rows: list[dict]) -> list[float]:
     return [row["train/loss"] for row in rows if "train/loss" in row]
+
+
+def peek_batch(trainer: Trainer):
+    """The batch the next step will train on, leaving the sampler where it was."""
+    state = dict(trainer.sampler.state_dict())
+    batch = trainer.sampler.next_batch()
+    trainer.sampler.load_state_dict(state)
+    return batch
+
+
+def train_command(overrides: list[str], run_dir: Path, launcher=(sys.executable,)) -> list[str]:
+    return [*launcher, str(ROOT / "train.py"), *with_tiny(overrides), f"hydra.run.dir={run_dir}"]
+
+
+def run_train_py(args: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """train.py in a subprocess, as a user types it."""
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)

@@ -6,14 +6,23 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from minilm.data import BatchSampler, DataError, is_val, prepare_data, stdlib_files
+from minilm.config import DataConfig
+from minilm.data import TokenWindowSampler, is_val, stdlib_files
+from minilm.data import prepare_data as prepare_data_in
+from minilm.errors import DataError
 
 
 def data_cfg(tmp_path, **overrides):
-    base = {"source": "pystdlib", "vocab_size": 300, "val_fraction": 0.2, "max_files": 12, "num_proc": 1,
-            "cache_dir": str(tmp_path / "cache"), "files": None, "name": None, "subset": None,
-            "split": "train", "text_column": "text"}
-    return OmegaConf.create({**base, **overrides})
+    base = {"source": "pystdlib", "vocab_size": 300, "val_fraction": 0.2, "max_files": 12}
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {**base, **overrides})
+    OmegaConf.set_struct(cfg, False)
+    cfg.cache_dir = str(tmp_path / "cache")  # where the token cache goes (paths.cache_dir in a run)
+    return cfg
+
+
+def prepare_data(cfg, log=print):
+    cache_dir = cfg.pop("cache_dir")
+    return prepare_data_in(cfg, cache_dir, log=log)
 
 
 def test_stdlib_corpus_has_no_tests_or_site_packages():
@@ -28,6 +37,7 @@ def test_split_is_by_file_and_stable():
     assert 0.25 < share < 0.35
 
 
+@pytest.mark.slow
 def test_cache_is_reused_and_corruption_is_detected_and_rebuilt(tmp_path):
     messages = []
     first = prepare_data(data_cfg(tmp_path), log=messages.append)
@@ -49,6 +59,7 @@ def test_cache_is_reused_and_corruption_is_detected_and_rebuilt(tmp_path):
     assert np.array_equal(np.array(rebuilt.train), train)
 
 
+@pytest.mark.slow
 def test_stale_cache_is_rebuilt(tmp_path):
     first = prepare_data(data_cfg(tmp_path))
     meta = json.loads((first.cache_dir / "meta.json").read_text())
@@ -59,6 +70,7 @@ def test_stale_cache_is_rebuilt(tmp_path):
     assert any("stale" in m for m in messages)
 
 
+@pytest.mark.slow
 def test_fingerprint_changes_with_content_and_settings(tmp_path):
     base = prepare_data(data_cfg(tmp_path)).fingerprint
     assert prepare_data(data_cfg(tmp_path, max_files=13)).fingerprint != base
@@ -79,7 +91,7 @@ def test_local_text_files(tmp_path):
 
 
 def test_text_glob_matching_nothing_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match="matched no files"):
+    with pytest.raises(DataError, match="matches no file"):
         prepare_data(data_cfg(tmp_path, source="text", files=[str(tmp_path / "nothing*.txt")]))
 
 
@@ -117,8 +129,8 @@ def test_unreachable_hub_is_one_clear_line(tmp_path, monkeypatch):
 
 def test_sampler_ranks_are_disjoint_and_cover_the_global_batch():
     tokens = np.arange(10_000, dtype=np.uint16)
-    single = BatchSampler(tokens, block_size=8, batch_size=8, seed=3)
-    ranks = [BatchSampler(tokens, block_size=8, batch_size=4, seed=3, rank=r, world_size=2) for r in range(2)]
+    single = TokenWindowSampler(tokens, block_size=8, batch_size=8, seed=3)
+    ranks = [TokenWindowSampler(tokens, block_size=8, batch_size=4, seed=3, rank=r, world_size=2) for r in range(2)]
     for _ in range(5):
         x, _ = single.next_batch()
         parts = [s.next_batch()[0] for s in ranks]
@@ -128,11 +140,40 @@ def test_sampler_ranks_are_disjoint_and_cover_the_global_batch():
 
 def test_sampler_resumes_exactly_and_targets_are_shifted_inputs():
     tokens = np.arange(500, dtype=np.uint16)
-    sampler = BatchSampler(tokens, block_size=10, batch_size=4, seed=0)
+    sampler = TokenWindowSampler(tokens, block_size=10, batch_size=4, seed=0)
     for _ in range(20):  # crosses epoch boundaries (49 windows, 12 batches per epoch)
         sampler.next_batch()
-    resumed = BatchSampler(tokens, block_size=10, batch_size=4, seed=0)
+    resumed = TokenWindowSampler(tokens, block_size=10, batch_size=4, seed=0)
     resumed.load_state_dict(sampler.state_dict())
     for _ in range(15):
         (x, y), (x2, y2) = sampler.next_batch(), resumed.next_batch()
         assert (x == x2).all() and (y == y2).all() and (y[:, :-1] == x[:, 1:]).all()
+
+
+@pytest.mark.slow
+def test_two_processes_building_one_fresh_cache_both_succeed(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from omegaconf import OmegaConf; from minilm.config import DataConfig; "
+        "from minilm.data import prepare_data; "
+        "cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {'vocab_size': 300, 'max_files': 30}); "
+        "data = prepare_data(cfg, sys.argv[1]); print(data.fingerprint, len(data.train))"
+    )
+    jobs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cache")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [job.communicate(timeout=300) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], [err[-1500:] for _, err in results]
+    assert results[0][0] == results[1][0]  # the same cache, read by both
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
+
+
+@pytest.mark.slow
+def test_a_corrupt_tokenizer_in_the_cache_is_rebuilt(tmp_path):
+    first = prepare_data(data_cfg(tmp_path))
+    (first.cache_dir / "tokenizer.json").write_text("{not json")
+    messages = []
+    again = prepare_data(data_cfg(tmp_path), log=messages.append)
+    assert any("tokenizer.json checksum differs" in m for m in messages)
+    assert again.encode("def main():") == first.encode("def main():")

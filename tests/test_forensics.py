@@ -7,26 +7,16 @@ import pytest
 import torch
 
 from minilm import checkpoint
-from minilm.cli import CONFIG_DIR
-from minilm.repro import rng_state
+from minilm.forensics import main as replay_main
+from minilm.seeding import torch_rng_state
 from minilm.tracking import read_metrics
-from tests.helpers import losses
-from tests.test_diagnostics import make_trainer, peek_batch
+from tests.helpers import ROOT, losses, make_trainer, peek_batch
 
-REPLAY = CONFIG_DIR.parent / "scripts" / "replay.py"
+REPLAY = ROOT / "scripts" / "replay.py"
 PLANTED = "blocks.1.mlp.fc"
 
 
-def replay_main(argv):
-    """scripts/replay.py's main, in this process (the command itself runs in test_replay_command)."""
-    sys.path.insert(0, str(REPLAY.parent))
-    try:
-        from replay import main
-    finally:
-        sys.path.remove(str(REPLAY.parent))
-    return main(argv)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, activation_hooks", [("fp32", False), ("fp16", True)])
 def test_planted_inf_is_caught_attributed_and_replayed(precision, activation_hooks, tmp_path, capsys):
     # log_interval=5: the step is checked during the next step, not at a metrics flush
@@ -36,7 +26,7 @@ def test_planted_inf_is_caught_attributed_and_replayed(precision, activation_hoo
     trainer.train_step()
     trainer.model.get_submodule(PLANTED).weight.data[3, 7] = float("inf")
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    batch, rng, scale = peek_batch(trainer), rng_state(), trainer.precision.scale()
+    batch, rng, scale = peek_batch(trainer), torch_rng_state(), trainer.precision.scale()
     summary = trainer.fit()
 
     assert summary["diverged_at_step"] == 3 and summary["forensics/step"] == 3
@@ -62,6 +52,7 @@ def test_planted_inf_is_caught_attributed_and_replayed(precision, activation_hoo
     assert "returned nan values" in out and "reproduced: yes" in out
 
 
+@pytest.mark.slow
 def test_replay_command_exits_0_when_reproduced_and_1_when_clean(tmp_path, capsys):
     trainer = make_trainer(["train.max_steps=3", "train.log_interval=3"], tmp_path)
     trainer.train_step()

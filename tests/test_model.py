@@ -5,13 +5,15 @@ import math
 import pytest
 import torch
 
-from minilm.model import GPT, ModelConfig
-from minilm.norms import build_norm
+from minilm.config import ModelConfig, NormConfig
+from minilm.model import GPT, lm_loss
+from minilm.norms import NORM_KINDS, build_norm
+from minilm.norms.availability import norm_unavailable_reason
 
 
-def model(**kwargs):
+def model(norm_kind="layernorm", **kwargs):
     torch.manual_seed(0)
-    return GPT(ModelConfig(vocab_size=300, n_layer=4, n_head=4, d_model=64, block_size=16, **kwargs))
+    return GPT(ModelConfig(n_layer=4, n_head=4, d_model=64, block_size=16, **kwargs), NormConfig(kind=norm_kind), 300)
 
 
 def test_gpt2_init_scales_residual_projections_by_depth():
@@ -43,7 +45,8 @@ def test_post_norm_block_output_is_normalized():
     m = model(placement="post", norm_kind="layernorm")
     x = torch.randn(2, 16, 64) * 5 + 3
     y = m.blocks[0](x)
-    assert y.mean(-1).abs().max().item() < 1e-5 and y.std(-1, unbiased=False).mean().item() == pytest.approx(1, abs=1e-3)
+    assert y.mean(-1).abs().max().item() < 1e-5
+    assert y.std(-1, unbiased=False).mean().item() == pytest.approx(1, abs=1e-3)
 
 
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
@@ -56,3 +59,47 @@ def test_registry_norms_keep_the_input_dtype(kind, dtype):
 def test_unknown_norm_kind_names_the_choices():
     with pytest.raises(ValueError, match="layernorm, rmsnorm, triton_layernorm, triton_rmsnorm"):
         build_norm("batchnorm", 8)
+
+
+def test_z_loss_is_logz_squared_and_in_the_gradient():
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 5, 11, generator=generator, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, 11, (2, 5), generator=generator)
+    coefficient = 0.01
+    loss, ce, z_term = lm_loss(logits, targets, coefficient)
+    loss_value, ce, z_term = loss.detach(), ce.detach(), z_term.detach()
+    top = logits.detach().max(dim=-1, keepdim=True).values
+    log_z = (top + (logits.detach() - top).exp().sum(dim=-1, keepdim=True).log()).squeeze(-1)
+    assert float(z_term) == pytest.approx(float(coefficient * log_z.pow(2).mean()), rel=1e-5)
+    assert float(loss_value) == pytest.approx(float(ce + z_term), rel=1e-6)
+    with_z, = torch.autograd.grad(loss, logits)
+    without_z, = torch.autograd.grad(lm_loss(logits, targets).loss, logits)
+    softmax = (logits.detach() - log_z.unsqueeze(-1)).exp()
+    analytic = coefficient * 2 * log_z.unsqueeze(-1) * softmax / log_z.numel()  # d(c * mean(logZ^2)) / dz
+    torch.testing.assert_close(with_z - without_z, analytic, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", NORM_KINDS)
+def test_qk_norm_and_sandwich_work_with_every_norm_kind(kind):
+    reason = norm_unavailable_reason(kind, "cpu")
+    if reason:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=1, n_head=2, d_model=32, block_size=16, placement="sandwich", qk_norm=True)
+    model = GPT(cfg, NormConfig(kind=kind), 64)
+    idx = torch.randint(0, 64, (2, 16))
+    q, k, _ = model.blocks[0].attn.project_qkv(10 * torch.randn(2, 16, 32))  # variance >> eps
+    for t in (q, k):  # each head's query / key vector normalized (gains are 1 at init)
+        rms = t.pow(2).mean(dim=-1).sqrt()
+        torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-3, atol=1e-3)
+        if "layernorm" in kind:
+            torch.testing.assert_close(t.mean(dim=-1), torch.zeros_like(rms), rtol=0, atol=1e-5)
+    loss = lm_loss(model(idx), torch.randint(0, 64, (2, 16)), 1e-3).loss
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    block = model.blocks[0].double()  # sandwich: x + norm_out(f(norm_in(x))), for both sublayers
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    h = x + block.norm_attn_out(block.attn(block.norm_attn(x)))
+    torch.testing.assert_close(block(x), h + block.norm_mlp_out(block.mlp(block.norm_mlp(h))))

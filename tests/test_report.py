@@ -5,8 +5,8 @@ import math
 import pytest
 import scipy.stats
 
+from minilm import report
 from minilm.runs import RunRecord
-from scripts import report
 
 
 @pytest.mark.parametrize("dof", [1, 2, 5, 10, 29, 30, 31, 45, 120, 1000])

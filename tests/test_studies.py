@@ -15,18 +15,19 @@ def sweep_params(name: str) -> dict[str, str]:
 
 
 def test_every_study_of_the_issue_exists():
-    assert STUDIES <= set(group_options("experiment"))
+    assert set(group_options("experiment")) >= STUDIES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(STUDIES))
 def test_study_grid_is_valid_and_documents_its_expected_outcome(name):
     text = (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text()
     assert text.startswith("# @package _global_") and "Expected" in text
     params = sweep_params(name)
     assert params, "a study sweeps something"
-    grid = [f"{key}={values}" for key, values in params.items() if key != "seed"]  # seeds change no config
-    assert preflight(["-m", f"experiment={name}", "size=tiny", *grid]) is None
-    assert preflight([f"experiment={name}", *(o.split(",")[0] for o in grid)]) is None  # the intended size
+    assert preflight(["-m", f"experiment={name}", "size=tiny"]) is None  # every job of the grid composes
+    one_point = [f"{key}={str(values).split(',')[0]}" for key, values in params.items()]
+    assert preflight([f"experiment={name}", *one_point]) is None  # one job, at the intended size
 
 
 def test_size_tiny_shrinks_the_step_and_keeps_the_study():

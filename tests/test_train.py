@@ -6,16 +6,11 @@ import math
 import pytest
 import torch
 
-from minilm.cli import compose
-from minilm.trainer import Trainer
-from minilm.tracking import read_metrics
-from tests.helpers import losses, run_training, with_tiny
+from minilm import checkpoint
+from tests.helpers import losses, make_trainer, run_training
 
 
-def make_trainer(overrides, run_dir):
-    return Trainer(compose(with_tiny(overrides)), run_dir)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("placement", ["pre", "post"])
@@ -32,6 +27,7 @@ def test_one_step_gives_finite_loss_and_updates_every_parameter(placement, norm,
         assert state["exp_avg"].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_loss_falls_substantially_on_the_embedded_corpus(tmp_path):
     rows = run_training(["train.max_steps=200", "optim.warmup_steps=10", "train.eval_interval=200",
                          "model.d_model=128", "model.n_head=4", "model.block_size=64", "train.batch_size=16"],
@@ -43,6 +39,7 @@ def test_loss_falls_substantially_on_the_embedded_corpus(tmp_path):
     assert val and val[-1] < start - 1.5
 
 
+@pytest.mark.slow
 def test_deterministic_runs_are_bitwise_equal(tmp_path):
     overrides = ["deterministic=true", "train.max_steps=8", "model.dropout=0.1"]
     first = losses(run_training(overrides, tmp_path / "a"))
@@ -52,13 +49,17 @@ def test_deterministic_runs_are_bitwise_equal(tmp_path):
     assert third != first  # the seed really drives init and data order
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_resume_equals_uninterrupted(precision, tmp_path):
-    common = ["deterministic=true", "model.dropout=0.1", f"precision={precision}", "train.max_steps=10",
-              "train.grad_accum=2"]
+    common = ["deterministic=true", "optim.warmup_steps=0", "model.dropout=0.1", f"precision={precision}",
+              "train.max_steps=10", "train.grad_accum=2"]
     full = losses(run_training(common, tmp_path / "full"))
-    # stop after 6 steps (checkpoint written at the end), then resume in the same run dir
-    run_training(common + ["train.max_steps=6"], tmp_path / "split")
+    # stop after 6 steps with a checkpoint (as a preemption does), then resume in the same run dir
+    trainer = make_trainer(common, tmp_path / "split")
+    trainer.fit(until_step=6)
+    trainer.save_checkpoint()
+    trainer.close()
     rows = run_training(common + ["train.ckpt_interval=0"], tmp_path / "split")
     assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 11))
     assert losses(rows) == full
@@ -95,16 +96,19 @@ def test_nonfinite_gradient_never_reaches_weights_without_scaler(precision, tmp_
     assert all(torch.equal(p, snapshot[n]) for n, p in trainer.model.named_parameters())
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_the_run_with_a_record(tmp_path):
-    trainer = make_trainer(["train.max_steps=20", "train.log_interval=2"], tmp_path)
+    trainer = make_trainer(["train.max_steps=20", "train.log_interval=5"], tmp_path)
     trainer.model.blocks[0].mlp.fc.weight.data[0, 0] = float("inf")  # poison: the forward turns nan
     summary = trainer.fit()
+    trainer.close()
     assert summary["diverged"] and summary["diverged_at_step"] == 1 and summary["outcome"] == "diverged"
-    assert summary["step"] < 20
+    assert summary["step"] == 1  # stopped at the step it happened, not at the next metrics flush
     assert json.loads((tmp_path / "summary.json").read_text())["diverged_at_step"] == 1
-    assert (tmp_path / "checkpoints" / "diverged.pt").exists()
+    assert checkpoint.load(tmp_path / "checkpoints" / "diverged.pt")["step"] == 1
 
 
+@pytest.mark.slow
 def test_run_dir_holds_metrics_config_and_environment(tmp_path):
     rows = run_training(["train.max_steps=4", "train.eval_interval=2", "train.log_interval=2"], tmp_path)
     train_rows = [r for r in rows if "train/loss" in r]
@@ -117,26 +121,13 @@ def test_run_dir_holds_metrics_config_and_environment(tmp_path):
     assert (tmp_path / "checkpoints" / "last.pt").exists()
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    from minilm import checkpoint
-
-    checkpoint.save_atomic({"step": 1}, tmp_path / "last.pt")
-
-    def crash(*_args, **_kwargs):
-        raise KeyboardInterrupt  # a kill in the middle of writing
-
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_atomic({"step": 2}, tmp_path / "last.pt")
-    assert checkpoint.load(tmp_path / "last.pt") == {"step": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
-
-
+@pytest.mark.slow
 def test_detect_anomaly_mode_trains(tmp_path):
     rows = run_training(["detect_anomaly=true", "train.max_steps=2"], tmp_path)
     assert len(losses(rows)) == 2
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_keeps_its_results(tmp_path):
     run_training(["train.max_steps=3", "train.eval_interval=0"], tmp_path)
     first = json.loads((tmp_path / "summary.json").read_text())

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilm.norms import build_norm, triton_kernels, triton_ops
-from minilm.norms.triton_norm import TritonLayerNorm, TritonRMSNorm, triton_unavailable_reason
+from minilm.norms.availability import triton_unavailable_reason
+from minilm.norms.triton_norm import TritonLayerNorm, TritonRMSNorm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NORMS = ("layernorm", "rmsnorm")
@@ -125,6 +126,7 @@ NORM_AFFINE = [(norm, affine) for norm in NORMS for affine in ("fp32", "input", 
                if (norm, affine) != ("rmsnorm", "no_bias")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,eps", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("norm,affine", NORM_AFFINE)
@@ -170,6 +172,7 @@ def test_rows_longer_than_64k(monkeypatch, norm, dtype):
     check_against_reference(norm, dtype, (2, 70_001), 1e-5, "fp32")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", NORMS)
 def test_gradcheck_float64(norm, path):
     gen = torch.Generator().manual_seed(0)
@@ -267,6 +270,7 @@ def test_hard_inputs(norm, case):
         assert err <= torch_err + SLACK[x.dtype], f"{name}: error {err:.2e} > torch's {torch_err:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", NORMS)
 def test_bitwise_deterministic(norm, path):
     gen = torch.Generator().manual_seed(0)
@@ -302,6 +306,7 @@ def _opcheck_args(name):
     return triton_ops.rms_norm_backward_op, (dy, x, None, rstd, scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["layer_norm", "layer_norm_no_affine", "rms_norm_bf16", "layer_norm_backward",
                                   "rms_norm_backward"])
 def test_opcheck(name):
@@ -360,9 +365,11 @@ def test_unavailable_reason_says_what_to_do():
     assert "norm=layernorm / norm=rmsnorm" in triton_unavailable_reason("mps")
 
 
+@pytest.mark.slow
 def test_cpu_without_interpreter_fails_clearly():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import torch; from minilm.norms.triton_norm import TritonRMSNorm, triton_unavailable_reason; "
+    code = ("import torch; from minilm.norms.triton_norm import TritonRMSNorm; "
+            "from minilm.norms.availability import triton_unavailable_reason; "
             "print(triton_unavailable_reason('cpu')); TritonRMSNorm(8)(torch.randn(2, 8))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[1],
                           capture_output=True, text=True, timeout=300)
@@ -371,6 +378,7 @@ def test_cpu_without_interpreter_fails_clearly():
     assert "RuntimeError: Triton norms need a CUDA GPU; on CPU set TRITON_INTERPRET=1" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", NORMS)
 def test_training_tracks_torch_norm(norm, tmp_path):
     # Both runs are fp32 and differ only in rounding (a few ulps per norm output, summation order).

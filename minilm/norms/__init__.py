@@ -7,7 +7,9 @@ themselves because custom ops bypass autocast).
 
 from torch import nn
 
-NORM_KINDS = ("layernorm", "rmsnorm", "triton_layernorm", "triton_rmsnorm")
+from minilm.config import NormKind
+
+NORM_KINDS = tuple(kind.value for kind in NormKind)
 
 
 def build_norm(kind: str, dim: int, eps: float = 1e-5, affine: bool = True, bias: bool = True) -> nn.Module:
@@ -26,11 +28,3 @@ def build_norm(kind: str, dim: int, eps: float = 1e-5, affine: bool = True, bias
         return TritonRMSNorm(dim, eps=eps, affine=affine)
     raise ValueError(f"unknown norm kind {kind!r}; choose one of {', '.join(NORM_KINDS)}")
 
-
-def norm_unavailable_reason(kind: str, device_type: str) -> str | None:
-    """Why `kind` cannot run on `device_type` (one line, with the fix), or None if it can."""
-    if not kind.startswith("triton_"):
-        return None
-    from minilm.norms.triton_norm import triton_unavailable_reason
-
-    return triton_unavailable_reason(device_type)

@@ -2,36 +2,18 @@
 
 Same parameter names, shapes and initialization as torch's, so state dicts load either
 way. Importing this file never needs triton: without it (or without a CUDA GPU and the
-interpreter) `triton_unavailable_reason` says why and what to do, and forward raises it.
+interpreter) `minilm.norms.availability` says why and what to do, and forward raises it.
 """
-
-import os
 
 import torch
 from torch import nn
 
+from minilm.norms.availability import triton_unavailable_reason
+
 try:
     from minilm.norms import triton_ops
-except ImportError as error:  # triton missing or broken: the registry reports the reason
+except ImportError:  # triton missing or broken: triton_unavailable_reason says why
     triton_ops = None
-    _IMPORT_ERROR = str(error)
-
-_FALLBACK = "pick norm=layernorm / norm=rmsnorm"
-
-
-def triton_unavailable_reason(device_type: str) -> str | None:
-    """One line saying why the Triton norms cannot run on `device_type`, with the fix; None if they can."""
-    if triton_ops is None:
-        return f"triton is not importable ({_IMPORT_ERROR}): pip install triton (Linux), or {_FALLBACK}"
-    if device_type == "cuda":
-        return None if torch.cuda.is_available() else f"Triton norms need a CUDA GPU and none is visible; {_FALLBACK}"
-    if device_type == "cpu":
-        if triton_ops.INTERPRETED:
-            return None
-        hint = " before anything imports triton" if os.environ.get("TRITON_INTERPRET") == "1" else ""
-        return (f"Triton norms need a CUDA GPU; on CPU set TRITON_INTERPRET=1{hint} (slow, for testing) "
-                f"or {_FALLBACK}")
-    return f"Triton norms run on CUDA GPUs, not {device_type!r}; {_FALLBACK}"
 
 
 def _unavailable(x: torch.Tensor) -> RuntimeError:

@@ -13,18 +13,16 @@ autotuning picks by timing, so two processes could pick different reduction orde
 import contextlib
 import dataclasses
 import functools
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.interpreter import InterpretedFunction
 
 from minilm.norms import triton_kernels as kernels
+from minilm.norms.availability import triton_interpreted, triton_unavailable_reason
 
-# The kernels run through the CPU interpreter iff TRITON_INTERPRET=1 when they were decorated.
-INTERPRETED = isinstance(kernels.norm_fwd_fused_kernel, InterpretedFunction)
+INTERPRETED = triton_interpreted()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +50,7 @@ _ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -75,10 +73,8 @@ def _as_rows(t: Tensor) -> Tensor:
     return rows if rows.stride(1) == 1 else rows.contiguous()
 
 
-def _check(x: Tensor, *params: Optional[Tensor]) -> None:
+def _check(x: Tensor, *params: Tensor | None) -> None:
     if not x.is_cuda and not INTERPRETED:
-        from minilm.norms.triton_norm import triton_unavailable_reason
-
         raise RuntimeError(triton_unavailable_reason(x.device.type))
     if x.dtype not in _ACC:
         raise TypeError(f"Triton norms take fp16, bf16, fp32 or fp64 inputs, not {x.dtype}")
@@ -94,7 +90,7 @@ def _on_device(x: Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool):
+def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool):
     """(y, mean or None, rstd, scale): see triton_kernels for what the statistics mean."""
     _check(x, weight, bias)
     x2 = _as_rows(x)
@@ -108,7 +104,7 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
     flags = dict(IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC=_TL[acc])
     args = (x2, y, weight, bias, mean, rstd, scale, x2.stride(0), y.stride(0))
     with _on_device(x):
-        if M > 0 and N <= FORWARD.max_fused_n:
+        if M > 0 and FORWARD.max_fused_n >= N:
             block_m, block_n, num_warps = _fused_config(FORWARD, M, N, x.device)
             kernels.norm_fwd_fused_kernel[(triton.cdiv(M, block_m),)](
                 *args, M, N, float(eps), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
@@ -130,7 +126,7 @@ class BackwardPlan:
 
 def backward_plan(M: int, N: int, device: torch.device) -> BackwardPlan:
     """How the backward of an (M, N) input is launched (the benchmark reports its partials' bytes)."""
-    if N <= BACKWARD.max_fused_n:
+    if BACKWARD.max_fused_n >= N:
         block_m, block_n, num_warps = _fused_config(BACKWARD, M, N, device)
         # persistent programs, a few per SM, each summing its own tiles' weight gradients
         programs = min(triton.cdiv(M, block_m), _num_sms(device) * max(1, WARPS_PER_SM // num_warps))
@@ -140,7 +136,7 @@ def backward_plan(M: int, N: int, device: torch.device) -> BackwardPlan:
     return BackwardPlan(True, programs, 1, LOOP_BLOCK_N, LOOP_NUM_WARPS)
 
 
-def _backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Optional[Tensor], rstd: Tensor, scale: Tensor,
+def _backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor | None, rstd: Tensor, scale: Tensor,
               has_bias: bool, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); the weight gradients in the statistics dtype, empty when absent."""
     _check(x, weight)
@@ -192,7 +188,7 @@ def _fake_param_grad(x: Tensor, present: bool) -> Tensor:
 
 
 @torch.library.custom_op("minilm::layer_norm", mutates_args=())
-def layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+def layer_norm_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, rstd, scale)."""
     return _forward(x, weight, bias, eps, rms=False)
@@ -204,7 +200,7 @@ def _(x, weight, bias, eps):
 
 
 @torch.library.custom_op("minilm::rms_norm", mutates_args=())
-def rms_norm_op(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def rms_norm_op(x: Tensor, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """(y, rstd, scale)."""
     y, _, rstd, scale = _forward(x, weight, None, eps, rms=True)
     return y, rstd, scale
@@ -216,7 +212,7 @@ def _(x, weight, eps):
 
 
 @torch.library.custom_op("minilm::layer_norm_backward", mutates_args=())
-def layer_norm_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, scale: Tensor,
+def layer_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, scale: Tensor,
                            has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); dweight / dbias are empty when the parameter is absent."""
     return _backward(dy, x, weight, mean, rstd, scale, has_bias, rms=False)
@@ -229,7 +225,7 @@ def _(dy, x, weight, mean, rstd, scale, has_bias):
 
 
 @torch.library.custom_op("minilm::rms_norm_backward", mutates_args=())
-def rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, scale: Tensor
+def rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, scale: Tensor
                          ) -> tuple[Tensor, Tensor]:
     """(dx, dweight); dweight is empty when there is no weight."""
     dx, dw, _ = _backward(dy, x, weight, None, rstd, scale, False, rms=True)
@@ -241,7 +237,7 @@ def _(dy, x, weight, rstd, scale):
     return torch.empty_like(x, memory_format=torch.contiguous_format), _fake_param_grad(x, weight is not None)
 
 
-def _param_grad(grad: Tensor, param: Optional[Tensor]) -> Optional[Tensor]:
+def _param_grad(grad: Tensor, param: Tensor | None) -> Tensor | None:
     return None if param is None else grad.to(param.dtype)
 
 
@@ -275,11 +271,11 @@ layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setu
 rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 
 
-def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """LayerNorm over the last dim (like F.layer_norm); weight/bias fp32 or x.dtype; returns x.dtype."""
     return layer_norm_op(x, weight, bias, eps)[0]
 
 
-def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """RMSNorm over the last dim (like F.rms_norm); weight fp32 or x.dtype; returns x.dtype."""
     return rms_norm_op(x, weight, eps)[0]

@@ -1,0 +1,231 @@
+"""Re-run a logged run with exactly its resolved config, and optionally check its first losses.
+
+    minilm-reproduce SOURCE [key=value ...] [--verify N] [--force] [--out DIR] [--rtol R]
+
+SOURCE is a run dir (outputs/... or one job of multirun/...), a local W&B run dir
+(<run dir>/wandb/offline-run-*), or a W&B run path entity/project/run_id (the config is
+fetched through the W&B API). key=value overrides apply on top of the logged config.
+
+- The config: every logged key must be a key of this code's schema, and every schema key must
+  be logged (a key added since the run is named with today's default, to pass as key=value).
+- The code version: a warning if the git commit differs from the logged one.
+- The data: the corpus fingerprint is computed before anything runs; if it differs from the
+  logged one, reproduce refuses (exit 2) unless --force.
+- Config revisions (a resumed run that accepted a config change, config_revisions.yaml) are
+  replayed in order: the run trains with each config up to the step its successor took effect.
+- --verify N trains only the first N steps (the logged train.max_steps still sets the
+  learning-rate schedule) and compares their losses with the logged ones: bitwise when the
+  run is deterministic (deterministic=true: same machine, same software), otherwise within
+  a relative tolerance (--rtol, default 1e-3). Ends with PASS (exit 0) or FAIL (exit 1).
+  Without --verify the whole run is repeated.
+
+The reproduction gets its own run dir (default outputs/reproductions/<time>_<source name>);
+its W&B run, if the source logged to W&B, goes to the group "reproductions" so that reports
+never pool it with the original's seeds. The token cache location (paths.*) is this
+machine's, not the logged one.
+"""
+
+import argparse
+import math
+import re
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from minilm.cli import compose, one_line
+from minilm.config import resolve_device, validate
+from minilm.data import corpus_fingerprint, load_corpus
+from minilm.environment import environment_record, git_commit
+from minilm.errors import MinilmError, exit_on_input_error
+from minilm.lifecycle import apply_revisions
+from minilm.runs import RunRecord, flatten, load_run
+from minilm.tracking import read_metrics
+from minilm.trainer import Trainer
+
+EXIT_PASS, EXIT_FAIL = 0, 1
+MACHINE_KEYS = ("paths.",)  # where this machine keeps things: never taken from the log
+
+
+class Refused(MinilmError):
+    """Reproduction cannot start; the message says why and what to do."""
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def reproduction_config(logged: dict, overrides: list[str]):
+    """The logged config on this code's schema, with this machine's paths, plus the overrides."""
+    defaults = compose([])
+    today, then = flatten(OmegaConf.to_container(defaults, resolve=True)), flatten(logged)
+    given = {o.partition("=")[0] for o in overrides}
+    unknown = sorted(k for k in then.keys() - today.keys() if not k.startswith(MACHINE_KEYS))
+    if unknown:
+        raise Refused(f"the logged config has keys this code does not know: {', '.join(unknown[:8])}; reproduce it "
+                      f"with the code version it logged")
+    missing = sorted(k for k in today.keys() - then.keys() - given if not k.startswith(MACHINE_KEYS))
+    if missing:
+        raise Refused(f"the logged config lacks {', '.join(missing[:8])} (added since the run); pass them as "
+                      f"key=value to choose, e.g. today's defaults: {' '.join(f'{k}={today[k]}' for k in missing[:8])}")
+    logged = {key: value for key, value in logged.items() if key != "paths"}
+    try:
+        cfg = OmegaConf.merge(defaults, logged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as error:
+        reason = one_line(error, list(overrides))
+        raise Refused(f"the logged config does not fit this code's schema: {reason}") from None
+    cfg.train.resume = "auto"  # a reproduction starts in its own fresh dir
+    validate(cfg)
+    return cfg
+
+
+def check_code_version(record: RunRecord) -> None:
+    logged, now = record.environment.get("git") or {}, git_commit()
+    if not logged.get("commit"):
+        warn("the run did not log a git commit: cannot tell whether the code changed since")
+    elif logged["commit"] != now["commit"]:
+        warn(f"the code version differs: the run used commit {logged['commit'][:12]}, this checkout is "
+             f"{(now['commit'] or 'not a git checkout')[:12]}; results may differ")
+    if logged.get("dirty") or now.get("dirty"):
+        warn(f"uncommitted changes ({'at run time' if logged.get('dirty') else 'now'}): the commit "
+             f"alone does not pin the code")
+
+
+def check_same_setup(record: RunRecord, device) -> None:
+    """Bitwise equality also needs the same hardware, thread count (CPU reductions split by thread) and torch."""
+    then, now = record.environment, environment_record(device)
+    differs = [f"{key} {then[key]!r} then, {now[key]!r} now" for key in ("device_name", "torch_threads", "packages")
+               if key in then and then[key] != now[key]]
+    if differs:
+        warn(f"bitwise equality is only expected on the same setup: {'; '.join(differs)}")
+
+
+def check_data(cfg, record: RunRecord, force: bool) -> None:
+    logged = record.environment.get("data_fingerprint")
+    fingerprint = corpus_fingerprint(load_corpus(cfg.data), cfg.data)  # what the token cache is keyed by
+    if logged is None:
+        warn("the run did not log a data fingerprint: cannot check that the data is the same")
+    elif fingerprint != logged:
+        message = (f"the data differs from the run's: fingerprint {fingerprint[:16]} here, {logged[:16]} logged "
+                   f"(the corpus files, their order, data.vocab_size or data.val_fraction changed)")
+        if not force:
+            raise Refused(message + "; pass --force to run anyway")
+        warn(message + "; running anyway (--force)")
+
+
+def logged_losses(record: RunRecord, n: int, max_steps: int) -> list[float]:
+    if record.rows is None:
+        raise Refused(f"{record.name} has no logged losses to verify against (a W&B run dir moved out of its "
+                      f"run dir has none: verify against the run dir, or the W&B run path after `wandb sync`)")
+    series = record.series("train/loss")
+    if n < 1:
+        raise Refused(f"--verify {n}: verify at least one step")
+    if n > max_steps:
+        raise Refused(f"--verify {n} asks for more steps than the run trains (train.max_steps={max_steps})")
+    missing = [step for step in range(1, n + 1) if step not in series]
+    if missing:
+        raise Refused(f"--verify {n}: the run logged no train/loss for step {missing[0]} "
+                      f"(it logged {len(series)} steps)")
+    return [series[step] for step in range(1, n + 1)]
+
+
+def compare(logged: list[float], reproduced: list[float], bitwise: bool, rtol: float) -> int | None:
+    """The first step (1-based) whose losses disagree, or None if all agree."""
+    for step, (a, b) in enumerate(zip(logged, reproduced, strict=True), start=1):
+        if math.isnan(a) and math.isnan(b):
+            continue
+        if (a != b) if bitwise else not abs(a - b) <= rtol * abs(a):
+            return step
+    return None
+
+
+def default_out_dir(record: RunRecord) -> Path:
+    name = re.sub(r"[^A-Za-z0-9._=,-]+", "_", Path(record.name).name)[:80]
+    return Path("outputs") / "reproductions" / f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{name}"
+
+
+def segments(record: RunRecord, overrides: list[str]) -> list[tuple[int, object]]:
+    """[(first step, config)] of each stretch the run trained with one config: its revisions in order."""
+    starts = sorted({0} | {r["step"] for r in record.revisions})
+    return [(start, reproduction_config(apply_revisions(record.config, record.revisions, start), overrides))
+            for start in starts]
+
+
+def train_segments(plan: list[tuple[int, object]], out: Path, until: int | None, label: str) -> tuple[dict, Trainer]:
+    """Train each config up to the step the next took effect (or `until`); returns the last summary and
+    trainer (still open: the caller closes it)."""
+    for i, (_start, cfg) in enumerate(plan):
+        if cfg.logger.backend == "wandb":
+            cfg.logger.name, cfg.logger.group = f"reproduce {label}", "reproductions"
+        cfg.train.allow_config_change = i > 0  # a revision: the next config continues the same run
+        stop = plan[i + 1][0] if i + 1 < len(plan) else until
+        trainer = Trainer(cfg, out, [f"reproduce={label}"])
+        summary = trainer.fit(until_step=stop)
+        if i + 1 < len(plan):
+            trainer.save_checkpoint()
+            trainer.close()
+    return summary, trainer
+
+
+def verify(trainer: Trainer, out: Path, source: str, logged: list[float], bitwise: bool, rtol: float) -> int:
+    series = {row["step"]: row["train/loss"] for row in read_metrics(out) if "train/loss" in row}
+    reproduced = [float(series.get(step, math.nan)) for step in range(1, len(logged) + 1)]
+    print(f"{'step':>5}  {'logged':>22}  {'reproduced':>22}  {'rel. diff':>9}")
+    for step, (a, b) in enumerate(zip(logged, reproduced, strict=True), start=1):
+        rel = abs(a - b) / abs(a) if a and math.isfinite(a - b) else float(a != b)
+        print(f"{step:>5}  {a!r:>22}  {b!r:>22}  {rel:>9.2e}")
+    bad = compare(logged, reproduced, bitwise, rtol)
+    rule = "bitwise identical (deterministic=true)" if bitwise else f"equal within relative tolerance {rtol:g}"
+    if bad is None:
+        verdict, line = "PASS", f"PASS: the first {len(logged)} losses are {rule}"
+    else:
+        verdict = "FAIL"
+        line = (f"FAIL: step {bad} differs: logged {logged[bad - 1]!r}, reproduced {reproduced[bad - 1]!r} "
+                f"(required: {rule})")
+    trainer.tracker.summary({"reproduce/source": source, "reproduce/verify": verdict, "reproduce/steps": len(logged)})
+    print(line)
+    return EXIT_PASS if bad is None else EXIT_FAIL
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="run dir, local W&B run dir, or W&B run path entity/project/run_id")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied on top of the logged config")
+    parser.add_argument("--verify", type=int, metavar="N", help="train N steps and compare their losses")
+    parser.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance when not deterministic")
+    parser.add_argument("--force", action="store_true", help="run even if the data fingerprint differs")
+    parser.add_argument("--out", type=Path, help="the reproduction's run dir")
+    args = parser.parse_intermixed_args(argv)
+    record = load_run(args.source)
+    if record.config is None:
+        raise Refused(f"{record.name} logged no config")
+    plan = segments(record, args.overrides)
+    cfg = plan[0][1]
+    device = resolve_device(cfg.device)
+    check_code_version(record)
+    if args.verify and cfg.deterministic:
+        check_same_setup(record, device)
+    logged = logged_losses(record, args.verify, cfg.train.max_steps) if args.verify is not None else None
+    check_data(cfg, record, args.force)
+    out = args.out or default_out_dir(record)
+    if out.exists() and any(out.iterdir()):
+        raise Refused(f"{out} is not empty; pass another --out")
+    revisions = f" and its {len(plan) - 1} config revision(s)" if len(plan) > 1 else ""
+    print(f"reproducing {record.name}{revisions} in {out}")
+    label = Path(record.name).name
+    summary, trainer = train_segments(plan, out, args.verify, label)
+    try:
+        if logged is not None:
+            return verify(trainer, out, record.name, logged, bitwise=bool(cfg.deterministic), rtol=args.rtol)
+        print(f"done: outcome {summary['outcome']}, val/loss {summary['val/loss']}")
+        return EXIT_PASS
+    finally:
+        trainer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`minilm-reproduce` / scripts/reproduce.py."""
+    return exit_on_input_error(run, argv)
