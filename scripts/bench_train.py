@@ -2,11 +2,16 @@
 
     python scripts/bench_train.py                          # default config
     python scripts/bench_train.py model=small precision=bf16 train.compile=true --steps 50
+    python scripts/bench_train.py model=small precision=bf16 --diagnostics-cost   # diagnostics on vs off
 
 Runs the real Trainer (logging, diagnostics, checkpoint cadence as configured) and a
 bare loop over the same model, optimizer, precision and batches (forward, backward,
 step: nothing else), alternately `--repeats` times keeping the best of each, and prints tokens/s, step time, the framework's overhead over the
-bare loop, and on CUDA the peak memory and MFU.
+bare loop, and on CUDA the peak memory and MFU. With --diagnostics-cost each repeat also
+times the Trainer with diagnostics=off: the diagnostics' cost is on / off - 1, and the
+framework's overhead without them is off / bare - 1. With train.compile=true it counts
+Dynamo's graph breaks and recompiles during the first Trainer run (the steps a user's run
+takes), and reports how long the first step took (mostly compilation).
 
 MFU = achieved model FLOP/s / the bf16 matmul rate measured on this device in the same
 run (an 8192^3 matmul). Model FLOPs per token = 6 * N + 12 * n_layer * block_size * d_model
@@ -54,16 +59,22 @@ def measured_matmul_flops(device: torch.device, n: int = 8192, reps: int = 10) -
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def time_framework(trainer: Trainer, warmup: int, steps: int) -> float:
-    """Seconds for `steps` steps of Trainer.fit after `warmup` steps, everything it does included."""
+def time_framework(trainer: Trainer, warmup: int, steps: int) -> tuple[float, float]:
+    """(seconds for `steps` steps of Trainer.fit after `warmup` steps, everything it does included;
+    seconds of the first step, compilation included)."""
     marks = {}
     step_once = trainer.train_step
 
     def timed_step():
+        if trainer.step == 0:
+            marks["first"] = time.perf_counter()
         if trainer.step == warmup:
             sync(trainer.device)
             marks["start"] = time.perf_counter()
         result = step_once()
+        if trainer.step == 1:
+            sync(trainer.device)
+            marks["first"] = time.perf_counter() - marks["first"]
         if trainer.step == warmup + steps:
             sync(trainer.device)
             marks["end"] = time.perf_counter()
@@ -71,7 +82,25 @@ def time_framework(trainer: Trainer, warmup: int, steps: int) -> float:
 
     trainer.train_step = timed_step
     trainer.fit()
-    return marks["end"] - marks["start"]
+    return marks["end"] - marks["start"], marks["first"]
+
+
+def compile_counts() -> dict:
+    """Dynamo's graph breaks and recompiles since the counters were last cleared."""
+    from torch._dynamo.utils import counters, get_compilation_metrics
+
+    recompiles = [m.recompile_reason for m in get_compilation_metrics() if getattr(m, "recompile_reason", None)]
+    breaks = counters["graph_break"]
+    return {"graph_breaks": sum(breaks.values()), "graph_break_reasons": dict(breaks.most_common(5)),
+            "recompiles": len(recompiles), "recompile_reasons": recompiles[:5],
+            "unique_graphs": counters["stats"]["unique_graphs"], "frames_compiled": counters["frames"]["ok"]}
+
+
+def clear_compile_counts() -> None:
+    from torch._dynamo.utils import clear_compilation_metrics, counters
+
+    counters.clear()
+    clear_compilation_metrics()
 
 
 def time_bare_loop(trainer: Trainer, warmup: int, steps: int) -> float:
@@ -103,6 +132,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed steps")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation, caches)")
     parser.add_argument("--repeats", type=int, default=3, help="framework / bare-loop pairs; the best of each is kept")
+    parser.add_argument("--diagnostics-cost", action="store_true",
+                        help="also time the Trainer with diagnostics=off in every repeat")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -110,16 +141,24 @@ def main() -> None:
     if not any(o.startswith("logger") for o in args.overrides):
         overrides.append("logger=none")
     cfg = compose(overrides)
-    framework_times, bare_times = [], []
-    for _ in range(args.repeats):  # alternate the two, keep each one's best: machine noise only adds time
+    cfg_off = compose([*overrides, "diagnostics=off"]) if args.diagnostics_cost else None
+    framework_times, bare_times, off_times = [], [], []
+    clear_compile_counts()
+    for repeat in range(args.repeats):  # alternate them, keep each one's best: machine noise only adds time
         with tempfile.TemporaryDirectory() as run_dir:
             trainer = Trainer(cfg, Path(run_dir))
             device = trainer.device
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            framework_times.append(time_framework(trainer, args.warmup, args.steps))
+            seconds, first_step_s = time_framework(trainer, args.warmup, args.steps)
+            framework_times.append(seconds)
+            if repeat == 0:
+                first_run = {"first_step_s": first_step_s, "compile": compile_counts() if cfg.train.compile else None}
             peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
             bare_times.append(time_bare_loop(trainer, args.warmup, args.steps))
+        if cfg_off is not None:
+            with tempfile.TemporaryDirectory() as run_dir:
+                off_times.append(time_framework(Trainer(cfg_off, Path(run_dir)), args.warmup, args.steps)[0])
     framework_s, bare_s = min(framework_times), min(bare_times)
 
     t = cfg.train
@@ -127,6 +166,9 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "overrides": args.overrides, "steps": args.steps, "repeats": args.repeats, "tokens_per_step": tokens_per_step,
+        "config": {"norm": cfg.norm.kind, "precision": cfg.precision.name, "compile": bool(t.compile),
+                   "d_model": cfg.model.d_model, "n_layer": cfg.model.n_layer, "block_size": cfg.model.block_size,
+                   "batch_size": t.batch_size},
         "n_params": trainer.model.num_params(),
         "tokens_per_s": tokens_per_step * args.steps / framework_s,
         "step_time_ms": 1000 * framework_s / args.steps,
@@ -134,16 +176,36 @@ def main() -> None:
         "bare_step_time_ms": 1000 * bare_s / args.steps,
         "framework_overhead": framework_s / bare_s - 1,
         "peak_memory_mb": peak_mb,
+        **first_run,
     }
+    if off_times:
+        off_s = min(off_times)
+        result["diagnostics_off_step_time_ms"] = 1000 * off_s / args.steps
+        result["diagnostics_overhead"] = framework_s / off_s - 1
+        result["framework_overhead_without_diagnostics"] = off_s / bare_s - 1
     if device.type == "cuda":
         peak = measured_matmul_flops(device)
         result["bf16_matmul_tflops_measured"] = peak / 1e12
         result["model_tflops_per_s"] = flops_per_token(trainer) * result["tokens_per_s"] / 1e12
         result["mfu"] = flops_per_token(trainer) * result["tokens_per_s"] / peak
     for key, value in result.items():
-        print(f"{key:>28}: {value:.4g}" if isinstance(value, float) else f"{key:>28}: {value}")
+        print(f"{key:>38}: {value:.4g}" if isinstance(value, float) else f"{key:>38}: {value}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
+    print(one_line(result))
+
+
+def one_line(result: dict) -> str:
+    """The headline figures in one line (the GPU check's PASS line shows it)."""
+    parts = [f"{result['tokens_per_s']:.4g} tokens/s", f"overhead {100 * result['framework_overhead']:+.1f}%"]
+    if "mfu" in result:
+        parts.insert(1, f"MFU {100 * result['mfu']:.1f}%")
+    if "diagnostics_overhead" in result:
+        parts.append(f"diagnostics {100 * result['diagnostics_overhead']:+.1f}%")
+    if result.get("compile"):
+        parts.append(f"graph breaks {result['compile']['graph_breaks']}, recompiles {result['compile']['recompiles']}, "
+                     f"first step {result['first_step_s']:.0f} s")
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":
