@@ -102,10 +102,11 @@ def relative_error(actual, expected, scale):
     return err if math.isfinite(err) else math.inf
 
 
-def triton_errors(norm, x, dy, weight, bias, eps):
-    """{output name: relative error} of the Triton norm against the float64 truth; absent
-    parameters are left out. Asserts that every output has its input's dtype and shape."""
-    ours = forward_backward(triton_norm, norm, x, weight, bias, eps, dy)
+def triton_errors(norm, x, dy, weight, bias, eps, ours=None):
+    """{output name: relative error} of the Triton norm's (y, dx, dweight, dbias) -- `ours` if given,
+    else computed here -- against the float64 truth; absent parameters are left out. Asserts that
+    every output has its input's dtype and shape."""
+    ours = ours or forward_backward(triton_norm, norm, x, weight, bias, eps, dy)
     truth, scales = reference(norm, x, weight, bias, eps, dy)
     errors = {}
     for name, actual, expected, scale, like in zip(OUTPUTS, ours, truth, scales, (x, x, weight, bias)):
