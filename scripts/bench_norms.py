@@ -316,7 +316,8 @@ def markdown(data: dict) -> str:
             r = index.get(case + (impl,))
             if r is not None and "us" in r:
                 us[impl] = r["us"]
-            cells.append("" if r is None else "error" if "error" in r else f"{r['us']:.1f} us {100 * r['gbps'] / copy:.0f}%")
+            cells.append("" if r is None else "error" if "error" in r
+                         else f"{r['us']:.1f} us {100 * r['gbps'] / copy:.0f}%")
         others = [t for i, t in us.items() if i != "triton"]
         speedup = f"{min(others) / us['triton']:.2f}x" if "triton" in us and others else ""
         lines.append(f"| {case[2]} | {case[3]} | {case[4]} | " + " | ".join(cells) + f" | {speedup} |")
