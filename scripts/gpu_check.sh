@@ -21,9 +21,10 @@
 # its part's deadline; a section with under 10 s left is skipped. Caps are estimates made without a
 # GPU (no GPU figure has been measured yet): Triton compiles are about 1 s per kernel
 # specialization, Inductor 40-90 s for GPT-2 small, a few seconds for one norm.
-#   part 1: setup ~15 s (install, import check) | correctness 80 (~250 specializations in 6 processes)
-#           | GPU-marked tests 40 | bandwidth 100 (20 shapes x 4 implementations compiled in 10
-#           processes, then 160 CUDA-graph timings) | precision 60 (2 x 200 steps of model=small eager)
+#   part 1: setup ~15 s (install, import check) | correctness 90 (~40 kernel specializations per
+#           norm and dtype, 6 processes) | GPU-marked tests 35 (kernels cached by then) | bandwidth 100
+#           (20 shapes x 4 implementations compiled in 10 processes, then 160 CUDA-graph timings)
+#           | precision 60 (data preparation ~10 s, then 2 x 200 steps of model=small, eager)
 #           | optional, with what is left: Triton tests on the GPU, compute-sanitizer memcheck
 #   part 2: setup ~15 s | 2 compiled configs (torch LayerNorm with diagnostics on vs off; Triton
 #           LayerNorm) at ~60 s of compilation each, 100 timed steps | 2 eager configs, 50 steps each.
@@ -125,13 +126,13 @@ setup() {
 part1() {
     local dry=() jobs=()
     [ "$DRY_RUN" = 1 ] && dry=(--dry-run) jobs=(--jobs 2)
-    section correctness 80 "$PART_DIR/correctness.log" \
+    section correctness 90 "$PART_DIR/correctness.log" \
         python3 scripts/gpu_correctness.py "${dry[@]}" "${jobs[@]}" --json "$PART_DIR/correctness.json"
     if [ "$DRY_RUN" = 1 ]; then  # no CUDA: the GPU-marked tests are only collected
-        section "collect-only gpu-marked tests" 40 "$PART_DIR/correctness.log" \
+        section "collect-only gpu-marked tests" 35 "$PART_DIR/correctness.log" \
             python3 -m pytest -qq -p no:cacheprovider --collect-only -m gpu tests
     else
-        section "gpu-marked tests" 40 "$PART_DIR/correctness.log" python3 -m pytest -q -p no:cacheprovider -m gpu tests
+        section "gpu-marked tests" 35 "$PART_DIR/correctness.log" python3 -m pytest -q -p no:cacheprovider -m gpu tests
     fi
     if [ "$DRY_RUN" = 1 ]; then
         section bandwidth 100 "$PART_DIR/bench_norms.log" \

@@ -125,3 +125,38 @@ def test_verify_names_an_unmet_requirement(tmp_path, requirement, problem):
     complete_set(tmp_path / "wheels", [requirement])
     problems = gpu_setup.verify(tmp_path / "wheels")
     assert len(problems) == 1 and problem in problems[0] and requirement.split("<")[0] in problems[0]
+
+
+def test_results_page_judges_each_goal_from_the_json(tmp_path):
+    """Synthetic GPU results (made-up inputs, not measurements): each goal is met or missed by its figure."""
+    from scripts import bench_norms, gpu_results
+
+    part1, part2 = tmp_path / "part1", tmp_path / "part2"
+    part1.mkdir()
+    part2.mkdir()
+    env = dict(date_utc="2030-01-01T00:00:00+00:00", dry_run=False, device="GPU", driver="1", torch="t", triton="t")
+    (part1 / "environment.json").write_text(json.dumps(env))
+    (part1 / "check.log").write_text("PASS bandwidth (1 s): x\nSUMMARY part 1: 1 passed\n")
+    copy = 1000.0
+    rows = [dict(norm="rmsnorm", impl=impl, dtype="bfloat16", rows=8, cols=cols, mode=mode, us=us, gbps=gbps)
+            for impl, cols, mode, us, gbps in [("triton", 1024, "fwd", 10, 900), ("triton", 1024, "fwd+bwd", 20, 600),
+                                               ("compile", 1024, "fwd", 9, 1000), ("compile", 1024, "fwd+bwd", 30, 400)]]
+    norms = dict(results=rows, copy_gbps=copy, impls=["triton", "compile"], timer="t", quick=False,
+                 goals=bench_norms.judge_goals(rows, copy))
+    (part1 / "bench_norms.json").write_text(json.dumps(norms))
+    training = dict(config=dict(compile=True, norm="layernorm"), mfu=0.40, framework_overhead_without_diagnostics=0.02,
+                    diagnostics_overhead=0.05, tokens_per_s=1.0)
+    (part2 / "train_compile_layernorm.json").write_text(json.dumps(training))
+    (part2 / "check.log").write_text("PASS training: compile layernorm (1 s): x\n")
+
+    text, _ = gpu_results.page(tmp_path)
+    goals = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").rsplit(" | ", 1)[1]
+             for line in text.splitlines() if line.startswith("| norms:") or line.startswith("| training:")}
+    assert goals["norms: bf16, N >= 1024: forward >= 85% of copy bandwidth"] == "met"  # 900 of 1000 GB/s
+    assert goals["norms: bf16, N >= 1024: forward+backward >= 70% of copy bandwidth"] == "MISSED"  # 600
+    assert goals["norms: never slower than torch.compile or Liger (every shape, dtype and mode)"] == "MISSED"
+    assert goals["norms: bf16, N = 128..512: >= 2x torch eager (every mode)"] == "not measured"
+    assert goals["training: MFU, small preset, bf16, torch.compile, torch LayerNorm"] == "MISSED"
+    assert goals["training: framework overhead over a bare loop (same config, diagnostics off)"] == "met"
+    assert goals["training: diagnostics at their default interval (on vs off)"] == "MISSED"
+    assert "| 40.0% |" in text and "0.90x best of compile / liger" in text
