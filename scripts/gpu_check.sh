@@ -32,22 +32,23 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-WHEELS=${WHEEL_DIR:-.whl}
+WHEELS=${WHEEL_DIR:-.whl}  # WHEEL_DIR: another folder (the tests use it)
+PY=${PYTHON:-python3}      # the device image's python3 holds torch; PYTHON: another interpreter
 SITE=/tmp/minilm-site
 MODE=${1:-}
 
 fetch() {
     rm -rf "$WHEELS" && mkdir -p "$WHEELS"
     local pins
-    pins=$(python3 scripts/gpu_setup.py pins) || exit 1
+    pins=$("$PY" scripts/gpu_setup.py pins) || exit 1
     for pin in $pins; do
-        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
             -d "$WHEELS" "$pin" 2>/dev/null \
-            || python3 -m pip wheel -q --no-deps --no-binary=:all: -w "$WHEELS" "$pin" \
+            || "$PY" -m pip wheel -q --no-deps --no-binary=:all: -w "$WHEELS" "$pin" \
             || { echo "fetch FAILED: no wheel of $pin for CPython 3.12 on x86-64 Linux, and no pure-Python sdist"; exit 1; }
     done  # the fallback builds sdist-only packages here (antlr4-python3-runtime): pure Python, so any wheel fits
-    python3 scripts/gpu_setup.py verify "$WHEELS"
+    "$PY" scripts/gpu_setup.py verify "$WHEELS"
 }
 
 say() { echo "$*" | tee -a "$CHECK_LOG"; }
@@ -105,17 +106,17 @@ setup() {
             exit 2
         fi
         local verified
-        verified=$(python3 scripts/gpu_setup.py verify "$WHEELS" 2>>"$CHECK_LOG") || { say "setup FAILED: $verified"; exit 2; }
+        verified=$("$PY" scripts/gpu_setup.py verify "$WHEELS" 2>>"$CHECK_LOG") || { say "setup FAILED: $verified"; exit 2; }
         echo "$verified" >>"$CHECK_LOG"
         rm -rf "$SITE"
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
             "$WHEELS"/*.whl >>"$CHECK_LOG" 2>&1 \
             || { say "setup FAILED: pip could not install the carried wheels (its output is in check.log)"; exit 2; }
         export PYTHONPATH="$SITE:$ROOT"
     fi
     local checked rc=0 installed=()
     [ "$DRY_RUN" = 1 ] || installed=(--site "$SITE" --require-cuda)
-    checked=$(python3 scripts/gpu_setup.py check-install "${installed[@]}" --environment "$PART_DIR/environment.json" \
+    checked=$("$PY" scripts/gpu_setup.py check-install "${installed[@]}" --environment "$PART_DIR/environment.json" \
         2>>"$CHECK_LOG") || rc=$?
     echo "$checked" >>"$CHECK_LOG"
     ((rc == 0)) || { say "$(grep -m1 'setup FAILED' <<<"$checked" || echo "setup FAILED: the import check crashed (see check.log)")"; exit 2; }
@@ -127,30 +128,30 @@ part1() {
     local dry=() jobs=()
     [ "$DRY_RUN" = 1 ] && dry=(--dry-run) jobs=(--jobs 2)
     section correctness 90 "$PART_DIR/correctness.log" \
-        python3 scripts/gpu_correctness.py "${dry[@]}" "${jobs[@]}" --json "$PART_DIR/correctness.json"
+        "$PY" scripts/gpu_correctness.py "${dry[@]}" "${jobs[@]}" --json "$PART_DIR/correctness.json"
     if [ "$DRY_RUN" = 1 ]; then  # no CUDA: the GPU-marked tests are only collected
         section "collect-only gpu-marked tests" 35 "$PART_DIR/correctness.log" \
-            python3 -m pytest -qq -p no:cacheprovider --collect-only -m gpu tests
+            "$PY" -m pytest -qq -p no:cacheprovider --collect-only -m gpu tests
     else
-        section "gpu-marked tests" 35 "$PART_DIR/correctness.log" python3 -m pytest -q -p no:cacheprovider -m gpu tests
+        section "gpu-marked tests" 35 "$PART_DIR/correctness.log" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
     fi
     if [ "$DRY_RUN" = 1 ]; then
         section bandwidth 100 "$PART_DIR/bench_norms.log" \
-            python3 scripts/bench_norms.py --quick --modes fwd,fwd+bwd --json "$PART_DIR/bench_norms.json"
+            "$PY" scripts/bench_norms.py --quick --modes fwd,fwd+bwd --json "$PART_DIR/bench_norms.json"
     else
         section bandwidth 100 "$PART_DIR/bench_norms.log" \
-            python3 scripts/bench_norms.py --warm-jobs 10 --modes fwd,fwd+bwd --json "$PART_DIR/bench_norms.json"
+            "$PY" scripts/bench_norms.py --warm-jobs 10 --modes fwd,fwd+bwd --json "$PART_DIR/bench_norms.json"
     fi
     section precision 60 "$PART_DIR/precision.log" \
-        python3 scripts/gpu_precision.py "${dry[@]}" --json "$PART_DIR/precision.json"
+        "$PY" scripts/gpu_precision.py "${dry[@]}" --json "$PART_DIR/precision.json"
     if [ "$DRY_RUN" = 0 ]; then  # CI runs these on CPU already; here they run on the GPU if time is left
         local xdist=()
-        python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
+        "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
         optional "Triton tests on the GPU (optional)" 60 "$PART_DIR/correctness.log" \
-            python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" -m "not gpu" tests/test_triton_norms.py
+            "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" -m "not gpu" tests/test_triton_norms.py
     fi
     optional "compute-sanitizer memcheck (optional)" 45 "$PART_DIR/correctness.log" \
-        python3 scripts/gpu_correctness.py --sanitize
+        "$PY" scripts/gpu_correctness.py --sanitize
 }
 
 # One bench_train configuration: NAME CAP ARGS... (overrides and flags of bench_train.py).
@@ -161,7 +162,7 @@ train_config() {
     [ "$DRY_RUN" = 1 ] && size=(model=tiny model.n_layer=1 model.d_model=32 model.n_head=2 model.block_size=32
         train.batch_size=4 train.eval_batches=1 data.max_files=40 data.vocab_size=512 train.compile_backend=aot_eager)
     section "training: $name" "$cap" "$PART_DIR/train.log" \
-        python3 scripts/bench_train.py "${size[@]}" "$@" --json "$PART_DIR/train_${name// /_}.json"
+        "$PY" scripts/bench_train.py "${size[@]}" "$@" --json "$PART_DIR/train_${name// /_}.json"
 }
 
 part2() {

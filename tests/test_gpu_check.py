@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -22,7 +23,7 @@ MAX_FILES, MAX_FOLDERS = 8, 2  # what the device tool brings back from $OUT
 
 def gpu_check(args: list[str], out: Path, **env) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script decides
-    environment.update(OUT=str(out), **env)
+    environment.update(OUT=str(out), PYTHON=sys.executable, **env)
     return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args], cwd=ROOT, env=environment,
                           capture_output=True, text=True, timeout=900)
 
@@ -67,10 +68,11 @@ def test_dry_run_passes_every_section_within_the_file_limits(tmp_path):
     assert "diagnostics_overhead" in json.loads((part2 / "train_compile_layernorm.json").read_text())
 
     # The results page of a dry run says what it is and never lands under benchmarks/ by default.
-    refused = subprocess.run(["python3", "scripts/gpu_results.py", str(out)], cwd=ROOT, capture_output=True, text=True)
+    refused = subprocess.run([sys.executable, "scripts/gpu_results.py", str(out)], cwd=ROOT, capture_output=True,
+                             text=True)
     assert refused.returncode != 0 and "dry-run" in refused.stderr
     page = tmp_path / "page"
-    subprocess.run(["python3", "scripts/gpu_results.py", str(out), "--out", str(page)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "scripts/gpu_results.py", str(out), "--out", str(page)], cwd=ROOT, check=True)
     text = (page / "README.md").read_text()
     assert "**CPU dry run**" in text and "| met |" not in text and "MISSED" not in text
     assert (page / "part1" / "correctness.json").exists() and (page / "part2" / "check.log").exists()
