@@ -14,7 +14,8 @@ Dynamo's graph breaks and recompiles during the first Trainer run (the steps a u
 takes), and reports how long the first step took (mostly compilation).
 
 MFU = achieved model FLOP/s / the bf16 matmul rate measured on this device in the same
-run (an 8192^3 matmul). Model FLOPs per token = 6 * N + 12 * n_layer * block_size * d_model
+run (an 8192^3 matmul, before training). --json is rewritten after every measurement, so a
+run stopped early keeps what it measured. Model FLOPs per token = 6 * N + 12 * n_layer * block_size * d_model
 (N = parameters excluding embeddings; the second term is attention's q.k and p.v, forward
 and backward; PaLM, Chowdhery et al. 2022, appendix B).
 """
@@ -142,57 +143,73 @@ def main() -> None:
         overrides.append("logger=none")
     cfg = compose(overrides)
     cfg_off = compose([*overrides, "diagnostics=off"]) if args.diagnostics_cost else None
-    framework_times, bare_times, off_times = [], [], []
+    times = {"framework": [], "bare": [], "off": []}
+    measured = {}  # matmul rate, first run's compile figures, peak memory
     clear_compile_counts()
+
+    def result() -> dict:
+        framework_s, bare_s = min(times["framework"]), min(times["bare"])
+        t = cfg.train
+        tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size * trainer.world_size
+        out = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"cpu ({torch.get_num_threads()} threads)",
+            "overrides": args.overrides, "steps": args.steps, "repeats": len(times["framework"]),
+            "tokens_per_step": tokens_per_step,
+            "config": {"norm": cfg.norm.kind, "precision": cfg.precision.name, "compile": bool(t.compile),
+                       "d_model": cfg.model.d_model, "n_layer": cfg.model.n_layer, "block_size": cfg.model.block_size,
+                       "batch_size": t.batch_size},
+            "n_params": trainer.model.num_params(),
+            "tokens_per_s": tokens_per_step * args.steps / framework_s,
+            "step_time_ms": 1000 * framework_s / args.steps,
+            "bare_tokens_per_s": tokens_per_step * args.steps / bare_s,
+            "bare_step_time_ms": 1000 * bare_s / args.steps,
+            "framework_overhead": framework_s / bare_s - 1,
+            "peak_memory_mb": measured["peak_memory_mb"],
+            "first_step_s": measured["first_step_s"], "compile": measured["compile"],
+        }
+        if times["off"]:
+            off_s = min(times["off"])
+            out["diagnostics_off_step_time_ms"] = 1000 * off_s / args.steps
+            out["diagnostics_overhead"] = framework_s / off_s - 1
+            out["framework_overhead_without_diagnostics"] = off_s / bare_s - 1
+        if "matmul_flops" in measured:
+            model_flops = flops_per_token(trainer) * out["tokens_per_s"]
+            out["bf16_matmul_tflops_measured"] = measured["matmul_flops"] / 1e12
+            out["model_tflops_per_s"] = model_flops / 1e12
+            out["mfu"] = model_flops / measured["matmul_flops"]
+        return out
+
+    def save(stage: str) -> None:  # after every stage: a run stopped at a time cap keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps(result(), indent=1))
+        print(f"after {stage}: {one_line(result())}", flush=True)
+
     for repeat in range(args.repeats):  # alternate them, keep each one's best: machine noise only adds time
         with tempfile.TemporaryDirectory() as run_dir:
             trainer = Trainer(cfg, Path(run_dir))
             device = trainer.device
+            if device.type == "cuda" and "matmul_flops" not in measured:
+                measured["matmul_flops"] = measured_matmul_flops(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             seconds, first_step_s = time_framework(trainer, args.warmup, args.steps)
-            framework_times.append(seconds)
+            times["framework"].append(seconds)
             if repeat == 0:
-                first_run = {"first_step_s": first_step_s, "compile": compile_counts() if cfg.train.compile else None}
-            peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-            bare_times.append(time_bare_loop(trainer, args.warmup, args.steps))
+                measured.update(first_step_s=first_step_s, compile=compile_counts() if cfg.train.compile else None)
+            measured["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 \
+                if device.type == "cuda" else None
+            times["bare"].append(time_bare_loop(trainer, args.warmup, args.steps))
+        save(f"repeat {repeat + 1}")
         if cfg_off is not None:
             with tempfile.TemporaryDirectory() as run_dir:
-                off_times.append(time_framework(Trainer(cfg_off, Path(run_dir)), args.warmup, args.steps)[0])
-    framework_s, bare_s = min(framework_times), min(bare_times)
+                times["off"].append(time_framework(Trainer(cfg_off, Path(run_dir)), args.warmup, args.steps)[0])
+            save(f"repeat {repeat + 1} with diagnostics=off")
 
-    t = cfg.train
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size * trainer.world_size
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "overrides": args.overrides, "steps": args.steps, "repeats": args.repeats, "tokens_per_step": tokens_per_step,
-        "config": {"norm": cfg.norm.kind, "precision": cfg.precision.name, "compile": bool(t.compile),
-                   "d_model": cfg.model.d_model, "n_layer": cfg.model.n_layer, "block_size": cfg.model.block_size,
-                   "batch_size": t.batch_size},
-        "n_params": trainer.model.num_params(),
-        "tokens_per_s": tokens_per_step * args.steps / framework_s,
-        "step_time_ms": 1000 * framework_s / args.steps,
-        "bare_tokens_per_s": tokens_per_step * args.steps / bare_s,
-        "bare_step_time_ms": 1000 * bare_s / args.steps,
-        "framework_overhead": framework_s / bare_s - 1,
-        "peak_memory_mb": peak_mb,
-        **first_run,
-    }
-    if off_times:
-        off_s = min(off_times)
-        result["diagnostics_off_step_time_ms"] = 1000 * off_s / args.steps
-        result["diagnostics_overhead"] = framework_s / off_s - 1
-        result["framework_overhead_without_diagnostics"] = off_s / bare_s - 1
-    if device.type == "cuda":
-        peak = measured_matmul_flops(device)
-        result["bf16_matmul_tflops_measured"] = peak / 1e12
-        result["model_tflops_per_s"] = flops_per_token(trainer) * result["tokens_per_s"] / 1e12
-        result["mfu"] = flops_per_token(trainer) * result["tokens_per_s"] / peak
-    for key, value in result.items():
+    final = result()
+    for key, value in final.items():
         print(f"{key:>38}: {value:.4g}" if isinstance(value, float) else f"{key:>38}: {value}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-    print(one_line(result))
+    print(one_line(final))
 
 
 def one_line(result: dict) -> str:
