@@ -218,9 +218,16 @@ def main() -> None:
     start, results = time.perf_counter(), []
     spawn = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
-        futures = [pool.submit(run_unit, norm, dtype, sizes, rows) for norm, dtype in units]
+        futures = {pool.submit(run_unit, norm, dtype, sizes, rows): (norm, dtype) for norm, dtype in units}
         for future in concurrent.futures.as_completed(futures):
-            results += future.result()
+            try:
+                results += future.result()
+            except Exception as error:  # noqa: BLE001 -- a crashed worker fails its unit, the others go on
+                norm, dtype = futures[future]
+                row = dict(norm=norm, dtype=dtype, n=0, path="-", case="worker", ok=False,
+                           error=f"the worker for {norm} {dtype} died: {type(error).__name__}: {error}")
+                results.append(row)
+                print(describe(row), flush=True)
             if args.json:
                 args.json.write_text(json.dumps(dict(meta, complete=False, cases=results), indent=1))
     failed = [r for r in results if not r["ok"]]
