@@ -32,6 +32,7 @@
 #           ~60 s; otherwise the last ones are cut short or skipped. bench_train.py rewrites its JSON
 #           after every measurement, so a configuration stopped at its cap keeps what it measured.
 set -uo pipefail
+OUT_ROOT=$(realpath -m "${OUT:-$(dirname "$0")/../gpu-results}")  # before the cd: a relative OUT is the caller's
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 WHEELS=${WHEEL_DIR:-.whl}  # WHEEL_DIR: another folder (the tests use it)
@@ -197,7 +198,6 @@ run_part() {
 
 export PYTHONUNBUFFERED=1 MINILM_CACHE=${MINILM_CACHE:-/tmp/minilm-cache} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
     WANDB_MODE=offline
-OUT_ROOT=${OUT:-gpu-results}
 case "$MODE" in
     --fetch) fetch ;;
     1) DRY_RUN=0; run_part 1 330 ;;
