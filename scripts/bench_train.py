@@ -2,16 +2,22 @@
 
     python scripts/bench_train.py                          # default config
     python scripts/bench_train.py model=small precision=bf16 train.compile=true --steps 50
+    python scripts/bench_train.py model=small precision=bf16 --diagnostics-cost   # diagnostics on vs off
 
-Runs the real Trainer (logging, diagnostics, checkpoint cadence as configured) and a
-bare loop over the same model, optimizer, precision and batches (forward, backward,
-step: nothing else), alternately `--repeats` times keeping the best of each, and prints tokens/s,
-step time, the framework's overhead over the bare loop, and on CUDA the peak memory and MFU.
+Runs the real Trainer (logging, diagnostics, checkpoint cadence as configured) and a bare loop over
+the same model, optimizer, precision and batches (forward, backward, step: nothing else),
+alternately `--repeats` times keeping the best of each, and prints tokens/s, step time, the
+framework's overhead over the bare loop, and on CUDA the peak memory and MFU. With
+--diagnostics-cost each repeat also times the Trainer with diagnostics=off: the diagnostics' cost is on / off - 1,
+and the framework's overhead without them is off / bare - 1. With train.compile=true it counts
+Dynamo's graph breaks and recompiles during the first Trainer run (the steps a user's run takes),
+and reports how long the first step took (mostly compilation).
 
 MFU = achieved model FLOP/s / the bf16 matmul rate measured on this device in the same
-run (an 8192^3 matmul). Model FLOPs per token = 6 * N + 12 * n_layer * block_size * d_model
-(N = parameters excluding embeddings; the second term is attention's q.k and p.v, forward
-and backward; PaLM, Chowdhery et al. 2022, appendix B).
+run (an 8192^3 matmul, before training). --json is rewritten after every measurement, so a
+run stopped early keeps what it measured. Model FLOPs per token = 6 * N + 12 * n_layer * block_size * d_model
+(N = the parameters of every matmul, the LM head included, not the embedding lookups; the second
+term is attention's q.k and p.v, forward and backward; PaLM, Chowdhery et al. 2022, appendix B).
 """
 
 import argparse
@@ -34,9 +40,12 @@ def sync(device: torch.device) -> None:
 
 
 def flops_per_token(trainer: Trainer) -> float:
-    m = trainer.cfg.model
-    embeddings = sum(p.numel() for p in trainer.model.tok_emb.parameters())
-    return 6 * (trainer.model.num_params() - embeddings) + 12 * m.n_layer * m.block_size * m.d_model
+    """6 N + 12 n_layer T d: N counts every matmul weight, the LM head included (tied to the token embedding
+    or not, it is a vocab x d_model matmul); the embedding lookups are no matmul and not counted."""
+    m, model = trainer.cfg.model, trainer.model
+    lookups = model.pos_emb.weight.numel() + (0 if model.cfg.tie_embeddings else model.tok_emb.weight.numel())
+    matmul_params = sum(p.numel() for p in model.parameters()) - lookups
+    return 6 * matmul_params + 12 * m.n_layer * m.block_size * m.d_model
 
 
 def measured_matmul_flops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
@@ -52,14 +61,37 @@ def measured_matmul_flops(device: torch.device, n: int = 8192, reps: int = 10) -
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def time_framework(trainer: Trainer, warmup: int, steps: int) -> float:
-    """Seconds for `steps` steps of Trainer.fit after `warmup` steps, everything it does included."""
+def time_framework(trainer: Trainer, warmup: int, steps: int) -> tuple[float, float]:
+    """(seconds for `steps` steps of Trainer.fit after `warmup` steps, everything it does included;
+    seconds of the first step, compilation included)."""
+    start = time.perf_counter()
+    trainer.fit(until_step=1)
+    sync(trainer.device)
+    first = time.perf_counter() - start
     trainer.fit(until_step=warmup)
     sync(trainer.device)
     start = time.perf_counter()
     trainer.fit(until_step=warmup + steps)
     sync(trainer.device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, first
+
+
+def compile_counts() -> dict:
+    """Dynamo's graph breaks and recompiles since the counters were last cleared."""
+    from torch._dynamo.utils import counters, get_compilation_metrics
+
+    recompiles = [m.recompile_reason for m in get_compilation_metrics() if getattr(m, "recompile_reason", None)]
+    breaks = counters["graph_break"]
+    return {"graph_breaks": sum(breaks.values()), "graph_break_reasons": dict(breaks.most_common(5)),
+            "recompiles": len(recompiles), "recompile_reasons": recompiles[:5],
+            "unique_graphs": counters["stats"]["unique_graphs"], "frames_compiled": counters["frames"]["ok"]}
+
+
+def clear_compile_counts() -> None:
+    from torch._dynamo.utils import clear_compilation_metrics, counters
+
+    counters.clear()
+    clear_compilation_metrics()
 
 
 def time_bare_loop(trainer: Trainer, warmup: int, steps: int) -> float:
@@ -90,6 +122,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed steps")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation, caches)")
     parser.add_argument("--repeats", type=int, default=3, help="framework / bare-loop pairs; the best of each is kept")
+    parser.add_argument("--diagnostics-cost", action="store_true",
+                        help="also time the Trainer with diagnostics=off in every repeat")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     cap_onednn_isa_if_amx_is_broken()
@@ -98,42 +132,90 @@ def main() -> None:
     if not any(o.startswith("logger") for o in args.overrides):
         overrides.append("logger=none")
     cfg = compose(overrides)
-    framework_times, bare_times = [], []
-    for _ in range(args.repeats):  # alternate the two, keep each one's best: machine noise only adds time
+    cfg_off = compose([*overrides, "diagnostics=off"]) if args.diagnostics_cost else None
+    times = {"framework": [], "bare": [], "off": []}
+    measured = {}  # matmul rate, first run's compile figures, peak memory
+    clear_compile_counts()
+
+    def result() -> dict:
+        framework_s, bare_s = min(times["framework"]), min(times["bare"])
+        t = cfg.train
+        tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size * trainer.world_size
+        out = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"cpu ({torch.get_num_threads()} threads)",
+            "overrides": args.overrides, "steps": args.steps, "repeats": len(times["framework"]),
+            "tokens_per_step": tokens_per_step,
+            "config": {"norm": cfg.norm.kind, "precision": cfg.precision.name, "compile": bool(t.compile),
+                       "d_model": cfg.model.d_model, "n_layer": cfg.model.n_layer, "block_size": cfg.model.block_size,
+                       "batch_size": t.batch_size},
+            "n_params": trainer.model.num_params(),
+            "tokens_per_s": tokens_per_step * args.steps / framework_s,
+            "step_time_ms": 1000 * framework_s / args.steps,
+            "bare_tokens_per_s": tokens_per_step * args.steps / bare_s,
+            "bare_step_time_ms": 1000 * bare_s / args.steps,
+            "framework_overhead": framework_s / bare_s - 1,
+            "peak_memory_mb": measured["peak_memory_mb"],
+            "first_step_s": measured["first_step_s"], "compile": measured["compile"],
+        }
+        if times["off"]:
+            off_s = min(times["off"])
+            out["diagnostics_off_step_time_ms"] = 1000 * off_s / args.steps
+            out["diagnostics_overhead"] = framework_s / off_s - 1
+            out["framework_overhead_without_diagnostics"] = off_s / bare_s - 1
+        if "matmul_flops" in measured:
+            model_flops = flops_per_token(trainer) * out["tokens_per_s"]
+            out["bf16_matmul_tflops_measured"] = measured["matmul_flops"] / 1e12
+            out["model_tflops_per_s"] = model_flops / 1e12
+            out["mfu"] = model_flops / measured["matmul_flops"]
+        return out
+
+    def save(stage: str) -> None:  # after every stage: a run stopped at a time cap keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps(result(), indent=1))
+        print(f"after {stage}: {one_line(result())}", flush=True)
+
+    for repeat in range(args.repeats):  # alternate them, keep each one's best: machine noise only adds time
         with tempfile.TemporaryDirectory() as run_dir:
             trainer = Trainer(cfg, Path(run_dir))
             device = trainer.device
+            if device.type == "cuda" and "matmul_flops" not in measured:
+                measured["matmul_flops"] = measured_matmul_flops(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            framework_times.append(time_framework(trainer, args.warmup, args.steps))
-            peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-            bare_times.append(time_bare_loop(trainer, args.warmup, args.steps))
+            seconds, first_step_s = time_framework(trainer, args.warmup, args.steps)
+            times["framework"].append(seconds)
+            if repeat == 0:
+                measured.update(first_step_s=first_step_s, compile=compile_counts() if cfg.train.compile else None)
+            measured["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 \
+                if device.type == "cuda" else None
+            times["bare"].append(time_bare_loop(trainer, args.warmup, args.steps))
             trainer.close()
-    framework_s, bare_s = min(framework_times), min(bare_times)
+        save(f"repeat {repeat + 1}")
+        if cfg_off is not None:
+            with tempfile.TemporaryDirectory() as run_dir:
+                trainer_off = Trainer(cfg_off, Path(run_dir))
+                times["off"].append(time_framework(trainer_off, args.warmup, args.steps)[0])
+                trainer_off.close()
+            save(f"repeat {repeat + 1} with diagnostics=off")
 
-    t = cfg.train
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size * trainer.world_size
-    result = {
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"cpu ({torch.get_num_threads()} threads)"),
-        "overrides": args.overrides, "steps": args.steps, "repeats": args.repeats, "tokens_per_step": tokens_per_step,
-        "n_params": trainer.model.num_params(),
-        "tokens_per_s": tokens_per_step * args.steps / framework_s,
-        "step_time_ms": 1000 * framework_s / args.steps,
-        "bare_tokens_per_s": tokens_per_step * args.steps / bare_s,
-        "bare_step_time_ms": 1000 * bare_s / args.steps,
-        "framework_overhead": framework_s / bare_s - 1,
-        "peak_memory_mb": peak_mb,
-    }
-    if device.type == "cuda":
-        peak = measured_matmul_flops(device)
-        result["bf16_matmul_tflops_measured"] = peak / 1e12
-        result["model_tflops_per_s"] = flops_per_token(trainer) * result["tokens_per_s"] / 1e12
-        result["mfu"] = flops_per_token(trainer) * result["tokens_per_s"] / peak
-    for key, value in result.items():
-        print(f"{key:>28}: {value:.4g}" if isinstance(value, float) else f"{key:>28}: {value}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+    final = result()
+    for key, value in final.items():
+        print(f"{key:>38}: {value:.4g}" if isinstance(value, float) else f"{key:>38}: {value}")
+    print(one_line(final))
+
+
+def one_line(result: dict) -> str:
+    """The headline figures in one line (the GPU check's PASS line shows it)."""
+    parts = [f"{result['tokens_per_s']:.4g} tokens/s", f"overhead {100 * result['framework_overhead']:+.1f}%"]
+    if "mfu" in result:
+        parts.insert(1, f"MFU {100 * result['mfu']:.1f}%")
+    if "diagnostics_overhead" in result:
+        parts.append(f"diagnostics {100 * result['diagnostics_overhead']:+.1f}%")
+    if result.get("compile"):
+        parts.append(f"graph breaks {result['compile']['graph_breaks']}, recompiles {result['compile']['recompiles']}, "
+                     f"first step {result['first_step_s']:.0f} s")
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":

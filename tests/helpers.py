@@ -42,6 +42,17 @@ def peek_batch(trainer: Trainer):
     return batch
 
 
+def load_script(name: str):
+    """A script of scripts/ as a module, the way `python scripts/<name>.py` sees its siblings."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
 def train_command(overrides: list[str], run_dir: Path, launcher=(sys.executable,)) -> list[str]:
     return [*launcher, str(ROOT / "train.py"), *with_tiny(overrides), f"hydra.run.dir={run_dir}"]
 

@@ -5,7 +5,6 @@ so shapes stay small; with CUDA the same tests run on the GPU.
 """
 
 import dataclasses
-import math
 import os
 import subprocess
 import sys
@@ -13,108 +12,33 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minilm.norms import build_norm, triton_kernels, triton_ops
 from minilm.norms.availability import triton_unavailable_reason
+from minilm.norms.reference import (
+    DEVICE,
+    DTYPES,
+    NORMS,
+    OUTPUTS,
+    SLACK,
+    TOL,
+    forward_backward,
+    make_params,
+    random_inputs,
+    reference,
+    relative_error,
+    torch_norm,
+    triton_errors,
+    triton_norm,
+)
 from minilm.norms.triton_norm import TritonLayerNorm, TritonRMSNorm
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NORMS = ("layernorm", "rmsnorm")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-# Allowed error as a fraction of the magnitude each result's error scales with (see `reference`).
-# - fp16 / bf16: rounding the output dominates. Half an ulp is 2^-11 (fp16) / 2^-8 (bf16); we allow
-#   one ulp because Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest).
-# - fp32: a few fp32 sums over a row, error ~ sqrt(N) * 2^-24; 1e-5 (~80 ulps) bounds it for N <= 5120.
-# - fp64 (the gradcheck dtype): only eps, which Triton passes as an fp32 scalar, differs.
-TOL = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 1e-5, torch.float64: 1e-10}
-# "At least as accurate as torch" allows this much on top of torch's own error: one output ulp for
-# 16-bit dtypes (ties, the interpreter's truncation), a few ulps for fp32 (summation order).
-SLACK = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 4 * 2**-23}
-
-
-def make_params(norm, n, affine, dtype, gen):
-    """(weight, bias): affine is 'fp32' / 'input' (parameter dtype), 'no_bias' (fp32) or 'none'."""
-    if affine == "none":
-        return None, None
-    param_dtype = dtype if affine == "input" else torch.float32
-    weight = (1 + 0.5 * torch.randn(n, generator=gen)).to(DEVICE, param_dtype)
-    if norm == "rmsnorm" or affine == "no_bias":
-        return weight, None
-    return weight, (0.5 * torch.randn(n, generator=gen)).to(DEVICE, param_dtype)
-
-
-def triton_norm(norm, x, weight, bias, eps):
-    return triton_ops.rms_norm(x, weight, eps) if norm == "rmsnorm" else triton_ops.layer_norm(x, weight, bias, eps)
-
-
-def torch_norm(norm, x, weight, bias, eps):
-    shape = (x.shape[-1],)
-    return F.rms_norm(x, shape, weight, eps) if norm == "rmsnorm" else F.layer_norm(x, shape, weight, bias, eps)
-
-
-def forward_backward(fn, norm, x, weight, bias, eps, dy):
-    """(y, dx, dweight, dbias) of fn, None for absent parameters."""
-    leaves = [None if t is None else t.detach().requires_grad_() for t in (x, weight, bias)]
-    y = fn(norm, *leaves, eps)
-    grads = iter(torch.autograd.grad(y, [t for t in leaves if t is not None], dy))
-    return (y.detach(), *[None if t is None else next(grads) for t in leaves])
-
-
-def float64_norm(norm, x, weight, bias, eps):
-    """The textbook two-pass formula (x_hat, rstd); run in float64 it is the truth we compare to."""
-    centred = x if norm == "rmsnorm" else x - x.mean(-1, keepdim=True)
-    rstd = (centred.square().mean(-1, keepdim=True) + eps).rsqrt()
-    return centred * rstd, rstd
-
-
-def reference(norm, x, weight, bias, eps, dy):
-    """float64 truth of (y, dx, dweight, dbias) for the same (already rounded) inputs, and the
-    magnitudes their rounding errors scale with: |x_hat * w| + |b| for y; rstd * |dy * w| for dx,
-    a difference of such terms; the row sums of |dy * x_hat| and |dy| for dweight and dbias."""
-
-    def affine(norm, x, weight, bias, eps):
-        y = float64_norm(norm, x, weight, bias, eps)[0]
-        return y * (1.0 if weight is None else weight) + (0.0 if bias is None else bias)
-
-    x64, w64, b64, dy64 = (None if t is None else t.double() for t in (x, weight, bias, dy))
-    truth = forward_backward(affine, norm, x64, w64, b64, eps, dy64)
-    x_hat, rstd = float64_norm(norm, x64, w64, b64, eps)
-    w_abs = 1.0 if w64 is None else w64.abs()
-    scales = (
-        (x_hat.abs() * w_abs + (0.0 if b64 is None else b64.abs())).max(),
-        (rstd * dy64.abs() * w_abs).max(),
-        (dy64 * x_hat).abs().reshape(-1, x.shape[-1]).sum(0).max(),
-        dy64.abs().reshape(-1, x.shape[-1]).sum(0).max(),
-    )
-    return truth, scales
-
-
-def relative_error(actual, expected, scale):
-    """max |actual - expected| / scale (a zero scale demands exact zeros); inf when actual has inf/NaN."""
-    diff = float((actual.double() - expected).abs().max())
-    if diff == 0:
-        return 0.0
-    err = diff / float(scale) if scale > 0 else math.inf
-    return err if math.isfinite(err) else math.inf
 
 
 def check_against_reference(norm, dtype, shape, eps, affine, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = (2 * torch.randn(shape, generator=gen) + 0.5).to(DEVICE, dtype)
-    dy = torch.randn(shape, generator=gen).to(DEVICE, dtype)
-    weight, bias = make_params(norm, shape[-1], affine, dtype, gen)
-    ours = forward_backward(triton_norm, norm, x, weight, bias, eps, dy)
-    truth, scales = reference(norm, x, weight, bias, eps, dy)
-    names, likes = ("y", "dx", "dweight", "dbias"), (x, x, weight, bias)
-    for name, actual, expected, scale, like in zip(names, ours, truth, scales, likes):
-        assert (actual is None) == (expected is None), name
-        if actual is not None:
-            assert actual.dtype == like.dtype and actual.shape == like.shape, name
-            err = relative_error(actual, expected, scale)
-            assert err <= TOL[dtype], f"{name}: error {err:.2e} > {TOL[dtype]:.2e}"
+    x, dy, weight, bias = random_inputs(norm, dtype, shape, affine, seed)
+    for name, err in triton_errors(norm, x, dy, weight, bias, eps).items():
+        assert err <= TOL[dtype], f"{name}: error {err:.2e} > {TOL[dtype]:.2e}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +50,6 @@ NORM_AFFINE = [(norm, affine) for norm in NORMS for affine in ("fp32", "input", 
                if (norm, affine) != ("rmsnorm", "no_bias")]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("shape,eps", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("norm,affine", NORM_AFFINE)
@@ -172,7 +95,6 @@ def test_rows_longer_than_64k(monkeypatch, norm, dtype):
     check_against_reference(norm, dtype, (2, 70_001), 1e-5, "fp32")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("norm", NORMS)
 def test_gradcheck_float64(norm, path):
     gen = torch.Generator().manual_seed(0)
@@ -261,8 +183,7 @@ def test_hard_inputs(norm, case):
     ours = forward_backward(triton_norm, norm, x, weight, bias, eps, dy)
     theirs = forward_backward(torch_norm, norm, x, weight, bias, eps, dy)
     truth, scales = reference(norm, x, weight, bias, eps, dy)
-    names = ("y", "dx", "dweight", "dbias")
-    for name, actual, torch_result, expected, scale in zip(names, ours, theirs, truth, scales):
+    for name, actual, torch_result, expected, scale in zip(OUTPUTS, ours, theirs, truth, scales):
         if expected is None:
             continue
         err, torch_err = relative_error(actual, expected, scale), relative_error(torch_result, expected, scale)
@@ -270,7 +191,6 @@ def test_hard_inputs(norm, case):
         assert err <= torch_err + SLACK[x.dtype], f"{name}: error {err:.2e} > torch's {torch_err:.2e}"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("norm", NORMS)
 def test_bitwise_deterministic(norm, path):
     gen = torch.Generator().manual_seed(0)
@@ -306,7 +226,6 @@ def _opcheck_args(name):
     return triton_ops.rms_norm_backward_op, (dy, x, None, rstd, scale)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["layer_norm", "layer_norm_no_affine", "rms_norm_bf16", "layer_norm_backward",
                                   "rms_norm_backward"])
 def test_opcheck(name):
@@ -365,7 +284,6 @@ def test_unavailable_reason_says_what_to_do():
     assert "norm=layernorm / norm=rmsnorm" in triton_unavailable_reason("mps")
 
 
-@pytest.mark.slow
 def test_cpu_without_interpreter_fails_clearly():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import torch; from minilm.norms.triton_norm import TritonRMSNorm; "
@@ -378,7 +296,6 @@ def test_cpu_without_interpreter_fails_clearly():
     assert "RuntimeError: Triton norms need a CUDA GPU; on CPU set TRITON_INTERPRET=1" in proc.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("norm", NORMS)
 def test_training_tracks_torch_norm(norm, tmp_path):
     # Both runs are fp32 and differ only in rounding (a few ulps per norm output, summation order).
