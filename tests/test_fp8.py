@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from minilm.fp8 import FP8_RECIPES, convert_to_fp8, fp8_path, fp8_unavailable_reason
+from minilm.fp8 import FP8_RECIPES, convert_to_fp8, fp8_casts, fp8_path, fp8_unavailable_reason
 from minilm.model import GPT, ModelConfig, lm_loss
 
 CPU = torch.device("cpu")
@@ -132,6 +132,23 @@ def test_converted_gpt_compiles():
     torch.testing.assert_close(traced, eager, rtol=0, atol=0)
     traced.float().sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_casts_follow_the_recipe():
+    e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
+    x = torch.randn(2, 8, 32) * torch.tensor([1.0, 100.0])[:, None, None]
+    for recipe, grad_format in (("tensorwise", e5m2), ("rowwise", e4m3)):
+        model = GPT(tiny_config())
+        convert_to_fp8(model, recipe, CPU)
+        casts = fp8_casts(model.blocks[0].mlp.fc)
+        assert {c: fmt for c, (fmt, _) in casts.items()} == {"act_in": e4m3, "weight": e4m3, "grad": grad_format}
+        scale = casts["act_in"][1](x)
+        if recipe == "tensorwise":
+            assert scale.shape == () and scale == (torch.finfo(e4m3).max / x.abs().amax().double()).float()
+        else:  # one power of two per token
+            assert scale.shape == (2, 8, 1) and torch.equal(scale, torch.exp2(torch.floor(torch.log2(scale))))
+            assert (scale[0] > scale[1]).all()
+        assert fp8_casts(model.lm_head) is None and fp8_casts(model.blocks[0].norm_attn) is None
 
 
 def test_path_and_preflight():
