@@ -64,6 +64,8 @@ def fp8_unavailable_reason(model_cfg, recipe: str, tokens_per_micro_batch: int) 
     """
     if recipe not in FP8_RECIPES:
         return f"fp8 recipe {recipe!r} is not one of {', '.join(FP8_RECIPES)}"
+    if torch.__version__ < "2.11":
+        return f"fp8 needs torch >= 2.11 (what {TORCHAO_PIN} is built for), found {torch.__version__}"
     try:
         _import_torchao_float8()
     except ImportError:
