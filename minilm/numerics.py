@@ -35,6 +35,17 @@ Like minilm.diagnostics it runs the eager model once more on the step's first mi
 (same autocast, forked RNG so dropout draws the training masks and the training stream is
 untouched), here forward and backward, and takes the gradients with torch.autograd.grad: no
 parameter's .grad is touched, so training is bitwise the same with telemetry on or off.
+
+Before the cast, under autocast: in this pass each (non-fp8) linear's output is kept in fp32,
+so what follows it in fp32 (residual adds, GELU, the loss) and its gradient stay unrounded
+until the linear's own cast: the linears' inputs from norms and GELU, and the gradients
+arriving from the residual stream, GELU and the loss, are seen before they are rounded. A
+value that a low-precision kernel produces (a matmul's or the attention's output, forward or
+backward) is that kernel's rounded output, whose underflows are already zeros: notably the
+attention output (act_in of L{i}.attn.proj) and the gradient of L{i}.attn.qkv. fp8 layers are
+measured exactly where the recipe casts: the bf16 input, the fp32 weight and the bf16 output
+gradient, times their scales. bf16_pure has no cast: every tensor is natively bf16, so its
+underflows show only as zeros (not counted) and the subnormal fraction is what remains.
 """
 
 from collections.abc import Callable
@@ -51,10 +62,6 @@ FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16,
 PRECISION_FORMATS = {"fp32": torch.bfloat16, "fp16": torch.float16, "bf16": torch.bfloat16,
                      "bf16_pure": torch.bfloat16, "fp8": torch.bfloat16}
 TENSOR_CLASSES = ("act_in", "weight", "grad")
-
-
-def format_name(dtype: torch.dtype) -> str:
-    return next(name for name, d in FORMATS.items() if d == dtype)
 
 
 def format_thresholds(dtype: torch.dtype) -> tuple[float, float, float]:
@@ -132,7 +139,10 @@ class NumericsCollector:
                     metrics.update(self._stats("act_in", layer, inp, casts["act_in"]))
 
             def after(_module, _args, out):
+                if casts["grad"][1] is None and torch.is_autocast_enabled(out.device.type):
+                    out = out.float()  # so the gradient arriving here is seen before autograd casts it
                 outputs[layer] = (out, casts["grad"])
+                return out
             return before, after
 
         handles = []

@@ -165,3 +165,13 @@ def test_layer_names_follow_the_diagnostics_groups():
     names = {layer for layer, module, _ in NumericsCollector(model, "bf16").linears}
     assert names == {"L0.attn.qkv", "L0.attn.proj", "L0.mlp.fc", "L0.mlp.proj", "head"}
     assert all(isinstance(module, nn.Linear) for _, module, _ in NumericsCollector(model, "bf16").linears)
+
+
+@pytest.mark.parametrize("name, dtype, loss_scale", [("fp16", torch.float16, 2.0**-20),
+                                                     ("bf16", torch.bfloat16, 2.0**-130)])
+def test_under_autocast_gradients_are_seen_before_their_cast(name, dtype, loss_scale):
+    """The logits' gradient (~1e-4 at init) scaled below the format's underflow threshold: the
+    cast would make it zero, so a nonzero underflow fraction shows it was seen before the cast."""
+    metrics = NumericsCollector(tiny_gpt(), name).observe(*batch(), lambda: torch.autocast("cpu", dtype=dtype),
+                                                          scale_loss=lambda loss: loss * loss_scale)
+    assert metrics["numerics/grad/underflow/head"] > 0.5
