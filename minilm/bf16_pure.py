@@ -1,7 +1,7 @@
 """Pure-bf16 training: AdamW over bf16 weights, gradients and state, with no fp32 master copy.
 
-bf16 keeps 8 significant bits: near a weight w, an update smaller than half an ulp
-(|w| * 2^-9) rounds back to w and is lost, so with round-to-nearest small learning rates
+bf16 keeps 8 significant bits: an update smaller than half an ulp of the weight w (2^-9 to
+2^-8 of |w|) rounds back to w and is lost, so with round-to-nearest small learning rates
 stall training. `rounding` chooses how each step's fp32 result goes back into the bf16 weight:
 
     nearest     round to nearest even (the naive baseline)

@@ -73,6 +73,39 @@ def test_kahan_accumulates_small_updates_that_nearest_loses():
     assert ((total - exact).abs() <= 100 * 2.0**-17).all()
 
 
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_a_step_is_torch_adamw_in_float64_then_rounded(rounding):
+    """From the same (bf16) weights, moments and step count, one step lands on the bf16 rounding
+    of torch.optim.AdamW's step computed in float64."""
+    generator = torch.Generator().manual_seed(0)
+    weight, grad, exp_avg = (torch.randn(4096, generator=generator).bfloat16() for _ in range(3))
+    exp_avg_sq = torch.rand(4096, generator=generator).bfloat16() * 1e-2
+    settings = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+    reference = torch.nn.Parameter(weight.double())
+    adamw = torch.optim.AdamW([reference], foreach=False, **settings)
+    adamw.state[reference] = {"step": torch.tensor(5.0), "exp_avg": exp_avg.double(), "exp_avg_sq": exp_avg_sq.double()}
+    reference.grad = grad.double()
+    adamw.step()
+
+    w = torch.nn.Parameter(weight.clone())
+    optimizer = BF16AdamW([w], rounding=rounding, **settings)
+    optimizer.state[w].update(step=torch.tensor(5.0), exp_avg=exp_avg.clone(), exp_avg_sq=exp_avg_sq.clone())
+    w.grad = grad
+    optimizer.step()
+    below, above = bf16_neighbours(reference.detach().float())
+    if rounding == "kahan":  # the buffer holds what the rounding lost, to its own bf16 precision (2^-8)
+        compensation = optimizer.state[w]["compensation"].double()
+        fp32_arithmetic = 8 * 2.0**-24 * (weight.double().abs() + (reference.detach() - weight.double()).abs())
+        assert ((w.double() + compensation - reference).abs() <= 2.0**-8 * compensation.abs() + fp32_arithmetic).all()
+    assert ((w == below) | (w == above)).all()  # up to fp32 arithmetic: one of its bf16 neighbours
+    if rounding != "stochastic":
+        assert (w == reference.detach().to(torch.bfloat16)).float().mean() > 0.99  # nearest, bar fp32 ties
+    for moment in ("exp_avg", "exp_avg_sq"):  # rounded to nearest in every mode
+        torch.testing.assert_close(optimizer.state[w][moment].double(), adamw.state[reference][moment],
+                                   rtol=2.0**-8, atol=0)
+
+
 def test_a_non_finite_gradient_skips_the_update_on_device():
     w = torch.nn.Parameter(torch.randn(100).bfloat16())
     for rounding in ROUNDINGS:
