@@ -124,9 +124,9 @@ def test_a_non_finite_gradient_skips_the_update_on_device():
         assert not torch.equal(w.detach(), before[0]) and optimizer.state[w]["step"].item() == 2
 
 
-def tiny_gpt(seed: int = 0) -> GPT:
+def tiny_gpt(seed: int = 0, device: str = "cpu") -> GPT:
     torch.manual_seed(seed)
-    return GPT(ModelConfig(vocab_size=VOCAB, n_layer=2, n_head=2, d_model=32, block_size=16)).to(torch.bfloat16)
+    return GPT(ModelConfig(vocab_size=VOCAB, n_layer=2, n_head=2, d_model=32, block_size=16)).to(device, torch.bfloat16)
 
 
 def build_optimizer(model: GPT, rounding: str, seed: int = 0, lr: float = 3e-3) -> BF16AdamW:
@@ -136,9 +136,9 @@ def build_optimizer(model: GPT, rounding: str, seed: int = 0, lr: float = 3e-3) 
     return BF16AdamW(groups, lr=lr, betas=(0.9, 0.95), rounding=rounding, seed=seed)
 
 
-def batches(n: int, seed: int = 1):
+def batches(n: int, seed: int = 1, device: str = "cpu"):
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (4, 17), generator=generator) for _ in range(n)]
+    return [torch.randint(0, VOCAB, (4, 17), generator=generator).to(device) for _ in range(n)]
 
 
 def train(model: GPT, optimizer: BF16AdamW, data) -> list[float]:
@@ -162,11 +162,12 @@ def test_tiny_gpt_trains_in_pure_bf16(rounding):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_same_seed_is_bitwise_equal_and_another_seed_is_not():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_same_seed_is_bitwise_equal_and_another_seed_is_not(device):
     runs = []
     for seed in (0, 0, 1):
-        model = tiny_gpt()
-        losses = train(model, build_optimizer(model, "stochastic", seed=seed), batches(6))
+        model = tiny_gpt(device=device)
+        losses = train(model, build_optimizer(model, "stochastic", seed=seed), batches(6, device=device))
         runs.append((losses, [p.detach().clone() for p in model.parameters()]))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))

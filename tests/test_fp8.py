@@ -94,6 +94,29 @@ def test_under_autocast_the_emulation_follows_the_cuda_path(recipe):
     assert ((y.double() - reference).abs() <= tolerance).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", FP8_RECIPES)
+def test_fp8_kernels_match_the_float64_reference_on_gpu(recipe):
+    """The real _scaled_mm path against the same reference as the emulation: only the bf16 output
+    and the kernel's accumulation (fast accumulation in the forward) may differ."""
+    cuda = torch.device("cuda")
+    if fp8_path(cuda, recipe) != "torchao-float8 (cuda)":
+        pytest.skip(f"{recipe} fp8 kernels need a newer GPU")
+    generator = torch.Generator().manual_seed(1)
+    x, w = operand(64, 48, generator), operand(32, 48, generator)
+    model = nn.Sequential(nn.Linear(48, 32, bias=False)).to(cuda)
+    model[0].weight.data.copy_(w)
+    convert_to_fp8(model, recipe, cuda)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = model(x.to(cuda)).detach().cpu()
+    a, b = x.bfloat16().double(), w.double()
+    sa, sb = recipe_scale_reference(a, recipe), recipe_scale_reference(b, recipe)
+    qa, qb = quantize_reference(a * sa, torch.float8_e4m3fn) / sa, quantize_reference(b * sb, torch.float8_e4m3fn) / sb
+    reference = qa @ qb.T
+    tolerance = 2.0**-8 * reference.abs() + 2.0**-12 * (qa.abs() @ qb.abs().T)
+    assert ((y.double() - reference).abs() <= tolerance).all()
+
+
 def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**{"vocab_size": 64, "n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 16, **overrides})
 
