@@ -97,7 +97,7 @@ def clear_compile_counts() -> None:
 def time_bare_loop(trainer: Trainer, warmup: int, steps: int) -> float:
     """The same model, optimizer, precision and batches with nothing else around them."""
     model = trainer.train_model
-    optimizer = build_optimizer(trainer.model, trainer.cfg.optim)
+    optimizer = build_optimizer(trainer.model, trainer.cfg.optim, trainer.precision, trainer.cfg.seed)
     precision, device = trainer.precision, trainer.device
     for step in range(warmup + steps):
         if step == warmup:
