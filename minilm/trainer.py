@@ -56,12 +56,16 @@ log = logging.getLogger("minilm")
 
 
 def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: not on norm gains, biases or embeddings."""
+    """AdamW with weight decay on matrices only: not on norm gains, biases or embeddings; coupled to the LR
+    (AdamW's) or independent of it (optim.independent_weight_decay)."""
     decay, no_decay = [], []
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     for p in model.parameters():  # tied weights appear once
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay, "name": "decay"},
+    weight_decay = optim_cfg.weight_decay
+    if optim_cfg.independent_weight_decay:  # torch's AdamW decays by lr_t x weight_decay: divide the peak LR out
+        weight_decay /= optim_cfg.lr
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     # fused=True: one kernel for the whole update, and it honours the on-device
     # found_inf flag (precision.Precision.step), so skipping needs no host sync.
@@ -115,7 +119,8 @@ class Trainer:
         self.val_batches = eval_batches(self.data.val, cfg.model.block_size, cfg.train.batch_size,
                                         cfg.train.eval_batches)
         self.train_model = self._wrap_model()
-        self.diagnostics = Diagnostics(self.model, self.precision, cfg.diagnostics, enabled=self.is_main)
+        self.diagnostics = Diagnostics(self.model, self.precision, cfg.diagnostics, enabled=self.is_main,
+                                       norm_kind=str(cfg.norm.kind))
         self.forensics = Forensics(self.model, self.optimizer, self.precision, cfg, self.run_dir, self.device,
                                    self.rank, self.world_size, log=log.error)
         # a uniform prediction's loss, plus a margin for the loss at init; see minilm/divergence.py
