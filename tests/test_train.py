@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from minilm import checkpoint
+from minilm.cli import compose
+from minilm.trainer import build_optimizer
 from tests.helpers import losses, make_trainer, run_training
 
 
@@ -136,3 +138,21 @@ def test_rerunning_a_finished_run_keeps_its_results(tmp_path):
     assert first["val/loss"] is not None and second["val/loss"] == first["val/loss"]
     assert second["last_healthy/step"] == 3 and second["outcome"] == "completed"
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_weight_decay_is_coupled_to_the_learning_rate_or_independent_of_it(independent):
+    decay = {}
+    for lr in (1e-3, 1e-2):
+        cfg = compose([f"optim.lr={lr}", f"optim.independent_weight_decay={independent}", "optim.weight_decay=0.01"])
+        layer = torch.nn.Linear(8, 8)
+        optimizer = build_optimizer(layer, cfg.optim)
+        before = layer.weight.detach().clone()
+        for p in layer.parameters():
+            p.grad = torch.zeros_like(p)  # AdamW's step is then the decay alone: w <- w (1 - lr x weight_decay)
+        optimizer.step()
+        decay[lr] = 1 - (layer.weight.detach() / before).mean().item()
+    if independent:  # the same per-step decay at any peak LR: weight_decay itself
+        assert decay[1e-3] == pytest.approx(0.01, rel=1e-4) and decay[1e-2] == pytest.approx(0.01, rel=1e-4)
+    else:  # AdamW's: lr x weight_decay
+        assert decay[1e-3] == pytest.approx(1e-5, rel=0.02) and decay[1e-2] == pytest.approx(1e-4, rel=0.02)
