@@ -13,7 +13,17 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from minilm.report import LR_KEY, RunStats, Sweep, arm_label, difference_ci, lr_sensitivity, mean_ci, probe_points
+from minilm.report import (
+    LR_KEY,
+    RunStats,
+    Sweep,
+    arm_label,
+    difference_ci,
+    lr_sensitivity,
+    mean_by_group,
+    mean_ci,
+    probe_points,
+)
 
 
 class NotMeasured(Exception):
@@ -127,8 +137,9 @@ def events(runs: list[RunStats]) -> int:
     return sum(r.diverged or bool(r.spikes) for r in runs)
 
 
-def listing(values, digits: int = 3) -> str:
-    return " / ".join(f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in values)
+def listing(values, digits: int | None = None) -> str:
+    """Values joined by ' / ': with `digits` decimals, or in their shortest form (learning rates, eps)."""
+    return " / ".join(f"{v:g}" if digits is None else f"{v:.{digits}f}" for v in values)
 
 
 # ---------------------------------------------------------------- precision_matrix
@@ -250,13 +261,20 @@ def _logits_bounded(sweep: Sweep):
             with_qk < without, {"with": with_qk, "without": without})
 
 
-@expect("lr_qknorm", "the high learning rates diverge without qk-norm and train with it")
-def _qk_divergence(sweep: Sweep):
-    without, with_qk = pick(sweep, model__qk_norm=False), pick(sweep, model__qk_norm=True)
-    d_without, d_with = sum(r.diverged for r in without), sum(r.diverged for r in with_qk)
-    lrs = sorted({r.flat[LR_KEY] for r in without if r.diverged})
-    return (f"diverged: {d_without}/{len(without)} runs without qk-norm (lr {listing(lrs) or 'none'}), "
-            f"{d_with}/{len(with_qk)} with", d_without > d_with, {"without": d_without, "with": d_with})
+@expect("lr_qknorm", "the highest learning rate diverges or ends far above the best loss without qk-norm, and "
+                     "trains with it")
+def _qk_top_lr(sweep: Sweep):
+    top = values_of(sweep, LR_KEY)[-1]
+    found = {}
+    for qk_norm in (False, True):
+        best = min(mean(finals(pick(sweep, optim__lr=lr, model__qk_norm=qk_norm))) for lr in values_of(sweep, LR_KEY))
+        runs = pick(sweep, optim__lr=top, model__qk_norm=qk_norm)
+        found[qk_norm] = (sum(r.diverged for r in runs), len(runs), mean(finals(runs)) - best)
+    fails = {qk: diverged > 0 or gap >= 0.5 for qk, (diverged, _, gap) in found.items()}
+    shown = "; ".join(f"{'with' if qk else 'without'} qk-norm {d}/{n} diverged, {gap:.2f} above its best"
+                      for qk, (d, n, gap) in found.items())
+    return (f"at lr {top:g}: {shown} (far above = 0.5 or more)", fails[False] and not fails[True],
+            {"without_gap": found[False][2], "with_gap": found[True][2]})
 
 
 def _sensitivity_by(sweep: Sweep, key: str) -> dict:
@@ -268,7 +286,7 @@ def _warmup_sensitivity(sweep: Sweep):
     by_warmup = _sensitivity_by(sweep, "optim.warmup_steps")
     warmups = sorted(by_warmup)
     scores = [by_warmup[w] for w in warmups]
-    return (f"LR sensitivity {listing(scores)} for {listing(warmups)} warmup steps (lower = less sensitive)",
+    return (f"LR sensitivity {listing(scores, 3)} for {listing(warmups)} warmup steps (lower = less sensitive)",
             scores[-1] < scores[0], {str(w): s for w, s in by_warmup.items()})
 
 
@@ -279,7 +297,7 @@ def _warmup_best(sweep: Sweep):
         best[warmup] = min(mean(finals(pick(sweep, optim__warmup_steps=warmup, optim__lr=lr)))
                            for lr in values_of(sweep, LR_KEY))
     spread = max(best.values()) - min(best.values())
-    return (f"best final val loss over the LR grid {listing([best[w] for w in sorted(best)])} for "
+    return (f"best final val loss over the LR grid {listing([best[w] for w in sorted(best)], 3)} for "
             f"{listing(sorted(best))} warmup steps: spread {spread:.3f} ('little' = under 0.1)", spread < 0.1,
             {"spread": spread})
 
@@ -300,7 +318,7 @@ def _independent_sensitivity(sweep: Sweep):
 def _warmup_order(sweep: Sweep):
     warmups = values_of(sweep, "optim.warmup_steps")
     losses = [mean(finals(pick(sweep, optim__warmup_steps=w))) for w in warmups]
-    return (f"final val loss {listing(losses)} for {listing(warmups)} warmup steps (seed means; a diverged run "
+    return (f"final val loss {listing(losses, 3)} for {listing(warmups)} warmup steps (seed means; a diverged run "
             f"counts its loss at init)", all(a > b for a, b in zip(losses, losses[1:])), dict(zip(map(str, warmups),
                                                                                                    losses)))
 
@@ -341,7 +359,7 @@ def _deep_post_fails(sweep: Sweep):
 def _gap_grows(sweep: Sweep):
     depths = values_of(sweep, "model.n_layer")
     gaps = [_gap_to_rescued(sweep, d)[0] for d in depths]
-    return (f"post − best rescue {listing(gaps)} at {listing(depths)} layers", gaps[-1] > gaps[0],
+    return (f"post − best rescue {listing(gaps, 3)} at {listing(depths)} layers", gaps[-1] > gaps[0],
             dict(zip(map(str, depths), gaps)))
 
 
@@ -350,7 +368,7 @@ def _sandwich_vs_pre(sweep: Sweep):
     depths = values_of(sweep, "model.n_layer", 1)
     losses = [_gap_to_rescued(sweep, d)[1] for d in depths]
     deltas = [loss["sandwich"] - loss["pre"] for loss in losses]
-    return (f"sandwich − pre {listing(deltas)} at {listing(depths)} layers ('at least as well' = under 0.05)",
+    return (f"sandwich − pre {listing(deltas, 3)} at {listing(depths)} layers ('at least as well' = under 0.05)",
             all(d < 0.05 for d in deltas), dict(zip(map(str, depths), deltas)))
 
 
@@ -441,20 +459,27 @@ def _zloss_free(sweep: Sweep):
 # ---------------------------------------------------------------- adamw_eps
 
 
-def _mean_rms(run: RunStats, prefix: str) -> float:
-    """Mean over the sampled steps after step 1 and over parameter groups of `prefix`<group>."""
-    values = [float(v) for row in run.record.rows or () if row["step"] > 1
-              for key, v in row.items() if key.startswith(prefix) and math.isfinite(float(v))]
-    return mean(values)
+def _over_groups(run: RunStats, prefix: str, average=statistics.fmean) -> float:
+    """`average` over parameter groups of each group's mean over the sampled steps after step 1."""
+    by_group = mean_by_group(run, prefix)
+    if not by_group:
+        raise NotMeasured(f"{prefix}* was not logged")
+    return average(by_group.values())
+
+
+def _gradient_rms(sweep: Sweep) -> float:
+    """The typical gradient RMS: the median over runs of the median over parameter groups."""
+    return statistics.median(_over_groups(r, "diag/grad_rms/", statistics.median) for r in sweep.stats)
 
 
 @expect("adamw_eps", "once eps reaches the gradient RMS the update RMS falls")
 def _eps_update(sweep: Sweep):
     eps = values_of(sweep, "optim.eps")
-    update = [mean(_mean_rms(r, "diag/update_rms/") for r in pick(sweep, optim__eps=e)) for e in eps]
-    grad = statistics.median(_mean_rms(r, "diag/grad_rms/") for r in sweep.stats)
-    return (f"update RMS {listing(update, 6)} for eps {listing(eps)}; gradient RMS ≈ {grad:.1e} (median; falls = "
-            f"the largest eps's below half the smallest's)", update[-1] < update[0] / 2,
+    update = [mean(_over_groups(r, "diag/update_rms/") for r in pick(sweep, optim__eps=e)) for e in eps]
+    grad = _gradient_rms(sweep)
+    shown = " / ".join(f"{u:.2e}" for u in update)
+    return (f"update RMS {shown} for eps {listing(eps)}; gradient RMS ≈ {grad:.1e} (median; falls = the largest "
+            f"eps's below half the smallest's)", update[-1] < update[0] / 2,
             {"update": dict(zip(map(str, eps), update)), "grad_rms": grad})
 
 
@@ -462,19 +487,19 @@ def _eps_update(sweep: Sweep):
 def _eps_slows(sweep: Sweep):
     eps = values_of(sweep, "optim.eps")
     losses = [mean(finals(pick(sweep, optim__eps=e))) for e in eps]
-    return (f"final val loss {listing(losses)} for eps {listing(eps)}", losses[-1] > losses[0],
+    return (f"final val loss {listing(losses, 3)} for eps {listing(eps)}", losses[-1] > losses[0],
             dict(zip(map(str, eps), losses)))
 
 
 @expect("adamw_eps", "an eps far below the gradient RMS changes nothing")
 def _eps_small_harmless(sweep: Sweep):
-    grad = statistics.median(_mean_rms(r, "diag/grad_rms/") for r in sweep.stats)
+    grad = _gradient_rms(sweep)
     small = [e for e in values_of(sweep, "optim.eps") if e < grad / 100]
     if len(small) < 2:
         raise NotMeasured(f"fewer than two eps below 1% of the gradient RMS {grad:.1e}")
     losses = [mean(finals(pick(sweep, optim__eps=e))) for e in small]
     spread = max(losses) - min(losses)
-    return (f"final val loss {listing(losses)} for eps {listing(small)} (below 1% of the gradient RMS {grad:.1e}): "
+    return (f"final val loss {listing(losses, 3)} for eps {listing(small)} (below 1% of the gradient RMS {grad:.1e}): "
             f"spread {spread:.3f} (nothing = under 0.05)", spread < 0.05, {"spread": spread})
 
 
