@@ -397,8 +397,8 @@ class Canvas:
         n_panels = len(layout.panels)
         cols = min(4, n_panels) if n_rows == 1 else n_panels
         lines = math.ceil(n_panels / cols) if n_rows == 1 else n_rows
-        self.fig, axes = plt.subplots(lines, cols, figsize=(width * cols, height * lines + 1.2), squeeze=False,
-                                      sharey=True if n_rows == 1 else "row")
+        self.fig, axes = plt.subplots(lines, cols, figsize=(max(6.5, width * cols), height * lines + 1.2),
+                                      squeeze=False, sharey=True if n_rows == 1 else "row")  # room for the legend
         if n_rows == 1:
             self.axes = [[axes[i // cols][i % cols] for i in range(n_panels)]]
             for ax in axes.flat[n_panels:]:
@@ -485,16 +485,17 @@ def plot_over_steps(sweep: Sweep, layout: Layout, rows: list[StepRow], title: st
             ax = canvas.ax(i, arm)
             if row.smooth:
                 for s in series:
-                    ax.plot(sorted(s), [s[k] for k in sorted(s)], color=colour, alpha=0.2, lw=0.5)
+                    ax.plot(sorted(s), [s[k] for k in sorted(s)], color=colour, alpha=0.2, lw=0.5, zorder=1)
             at = [[s[step] for s in shown if step in s] for step in steps]
             mean = [statistics.fmean(v) for v in at]
-            canvas.curve(i, arm, steps, mean, n_label(steps, series), lw=1.4,
+            canvas.curve(i, arm, steps, mean, n_label(steps, series), lw=1.4, zorder=3,  # above every band
                          marker=None if row.smooth or len(steps) > 40 else ".")
             if len(series) > 1:
-                ax.fill_between(steps, [min(v) for v in at], [max(v) for v in at], color=colour, alpha=0.18, lw=0)
+                ax.fill_between(steps, [min(v) for v in at], [max(v) for v in at], color=colour, alpha=0.15, lw=0,
+                                zorder=2)
             for (run, _), s in zip(pairs, shown):
                 if max(s) < steps[-1] or run.stopped_early:  # a run that stopped: its contribution ends here
-                    ax.plot([max(s)], [s[max(s)]], "x", color=colour, ms=7, mew=1.8)
+                    ax.plot([max(s)], [s[max(s)]], "x", color=colour, ms=7, mew=1.8, zorder=4)
             plotted += mean
         log = _use_log(plotted)
         canvas.label_axes(i, row.title, xlabel="step", ylabel=row.ylabel, yscale="log" if log else "linear")
