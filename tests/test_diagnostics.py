@@ -3,7 +3,6 @@
 import copy
 import json
 import math
-from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -232,7 +231,8 @@ def test_norm_probe_measures_eps_bias_and_the_rounding_of_each_dtype(kind):
     norm = build_norm(kind, 64, eps=1e-5)
     with torch.no_grad():
         norm.weight.mul_(1.5)  # the truth applies the gain too
-    errors = {dtype: norm_probe_errors(norm, kind, 64, dtype, nullcontext(), torch.device("cpu"))
+    errors = {dtype: norm_probe_errors(norm, kind, 64, dtype, torch.autocast("cpu", dtype, dtype != torch.float32),
+                                       torch.device("cpu"))  # the run's autocast, as the trainer passes it
               for dtype in (torch.float32, torch.float16, torch.bfloat16)}
     for std in PROBE_STDS:  # eps shrinks every row by std / sqrt(std^2 + eps): its error, whatever the dtype
         bias = 1 - std / math.sqrt(std**2 + 1e-5)
