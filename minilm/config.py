@@ -70,6 +70,14 @@ def fraction(low_open: bool = False, high_open: bool = False) -> Check:
     return check
 
 
+def each_of(*valid: str) -> Check:
+    return lambda v: next((f"{x!r} is not one of: {', '.join(valid)}" for x in v if x not in valid), None)
+
+
+def config_key(v) -> str | None:
+    return None if schema_field(v) is not None else "it must be a config key, e.g. optim.lr"
+
+
 def knob(default, *checks: Check):
     """A config field: its default and the checks `validate` runs on it."""
     if isinstance(default, (list, dict)):
@@ -163,11 +171,20 @@ class OptimConfig:
     lr: float = knob(3e-3, positive)                   # peak learning rate
     min_lr_ratio: float = knob(0.1, fraction())        # cosine decays to lr * min_lr_ratio at train.max_steps
     warmup_steps: int = knob(50, at_least(0))          # linear warmup from 0
+    # false: AdamW's decay, weight_decay x lr_t per step (coupled to the LR); true: weight_decay x lr_t / lr,
+    # independent of the peak LR (Wortsman et al. 2023), so weight_decay is the per-step decay at the peak
+    independent_weight_decay: bool = False
     weight_decay: float = knob(0.1, at_least(0), finite)  # not applied to norm gains, biases and embeddings
     beta1: float = knob(0.9, fraction(high_open=True))
     beta2: float = knob(0.95, fraction(high_open=True))
     eps: float = knob(1e-8, positive)
     z_loss: float = knob(0.0, at_least(0), finite)     # coefficient of the log(Z)^2 auxiliary loss (PaLM); 0 disables
+
+    def cross_check(self) -> None:
+        if self.independent_weight_decay and self.weight_decay >= 1:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay} is not valid with "
+                              f"optim.independent_weight_decay=true: it is the per-step decay at the peak LR and "
+                              f"must be < 1 (typically 1e-4)")
 
 
 @dataclass
@@ -232,6 +249,25 @@ class DiagnosticsConfig:
     forensics: bool = True                             # a replay bundle at the first non-finite step
     activation_hooks: bool = False                     # with forensics: flag non-finite module outputs on every step
     numerics: bool = True                              # numerics/*: per-layer underflow / overflow in the run's format
+    # on sampled steps: the first norm's output error on probe rows of small variance vs float64 (diag/norm_error/*)
+    norm_probe: bool = False
+
+
+# The figures a study can ask its report for (minilm/report.py draws them).
+FIGURES = ("loss_curves", "final_loss_vs_lr", "grad_norm_by_layer", "attn_logit_max", "attn_entropy", "logz",
+           "fp16_scale", "update_rms", "norm_error", "numerics")
+
+
+@dataclass
+class StudyConfig:
+    """What a canned study (configs/experiment/) tells its report; it travels with every run's config.
+    Plain sweeps leave it empty and the report picks its figures from the swept keys."""
+
+    name: str | None = None                         # the study, as in experiment=<name>: keys its verdicts
+    expected: str | None = None                     # the expected outcome, in words
+    source: str | None = None                       # where the expectation comes from: paper and section
+    figures: list[str] = knob([], each_of(*FIGURES))  # the figures the report draws, in order
+    panel: str | None = knob(None, config_key)      # the swept key that gets one panel per value
 
 
 @dataclass
@@ -256,6 +292,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     seed: int = knob(0, at_least(0))
     deterministic: bool = False                        # bitwise-reproducible losses (slower kernels on CUDA)
     detect_anomaly: bool = False                       # run each step under torch.autograd.detect_anomaly (slow)

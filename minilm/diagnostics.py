@@ -11,7 +11,9 @@ Sampled metrics (step 1 and every `diagnostics.interval` steps), observed and ne
    (whose graphs ignore hooks added later) and DDP.
 2. `observe_gradients`, after backward and unscaling, before clipping: gradient and parameter
    RMS per parameter group; the parameters are snapshotted for (3).
-3. `observe_update`, after the optimizer step: update-to-weight ratio per group.
+3. `observe_update`, after the optimizer step: update RMS and update-to-weight ratio per group.
+4. With `diagnostics.norm_probe`, `probe_norm`: the first norm's output error on probe rows of small
+   variance, given in the run's compute dtype, against float64 (the numerics of tiny-variance rows).
 
 Every value stays a device tensor until the trainer's next metrics flush fetches them all at
 once (`collect`), so sampling adds compute but no host synchronization.
@@ -29,6 +31,11 @@ import torch
 from torch import nn
 
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
+# Probe rows for the norm: mean + std * z, z fixed with mean 0 and std 1 per row. Centred rows test the
+# dtype's range (fp16 goes subnormal below 6.1e-5), offset rows its spacing near 1 (the mean cancels).
+PROBE_STDS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+PROBE_MEANS = {"centred": 0.0, "offset": 1.0}
+PROBE_ROWS = 64
 _TOP_LEVEL_GROUPS = {"tok_emb": "embed", "pos_emb": "embed", "lm_head": "head", "norm_f": "final_norm"}
 _ATTN_CHUNK_ELEMENTS = 2**26  # bound the fp32 (batch, head, T, T) logits held at once
 
@@ -78,6 +85,34 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.stack(maxima).amax(), entropy / (B * H * T)
 
 
+@torch.no_grad()
+def norm_probe_errors(norm: nn.Module, kind: str, width: int, dtype: torch.dtype, autocast, device) -> dict:
+    """Relative RMS errors of `norm` on probe rows given in `dtype` under `autocast`, against the float64
+    normalization of the exact rows: `norm_error/<centred|offset>/<std>` with eps = 0 (what normalizing
+    should give: eps's bias counts as error) and `norm_rounding_error/...` with the norm's own eps (the
+    arithmetic alone). Its own generator: the training RNG is untouched."""
+    from minilm.norms import float64_norm
+
+    z = torch.randn(PROBE_ROWS, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = (z - z.mean(-1, keepdim=True)) / z.std(-1, correction=0, keepdim=True)
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+
+    def exact(x, eps):
+        y = float64_norm(kind.removeprefix("triton_"), x, eps)[0]
+        return y if weight is None else y * weight.double().cpu() + (0.0 if bias is None else bias.double().cpu())
+
+    errors = {}
+    for family, mean in PROBE_MEANS.items():
+        for std in PROBE_STDS:
+            x = mean + std * z
+            with autocast:
+                y = norm(x.to(device, dtype)).double().cpu()
+            for name, eps in (("norm_error", 0.0), ("norm_rounding_error", norm.eps)):
+                truth = exact(x, eps)
+                errors[f"{name}/{family}/{std:.0e}"] = (y - truth).norm() / truth.norm()
+    return errors
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory so far: CUDA memory allocated by tensors, or the CPU process's peak resident set."""
     if device.type == "cuda":
@@ -121,9 +156,10 @@ class SpikeScore:
 
 
 class Diagnostics:
-    def __init__(self, model: nn.Module, precision, diag_cfg, enabled: bool = True):
+    def __init__(self, model: nn.Module, precision, diag_cfg, enabled: bool = True, norm_kind: str = "layernorm"):
         self.model, self.precision = model, precision
         self.interval = diag_cfg.interval if enabled else 0
+        self.norm_kind, self.norm_probe = norm_kind, diag_cfg.norm_probe
         self.groups: dict[str, list[nn.Parameter]] = {}
         for name, p in model.named_parameters():  # tied weights appear once
             self.groups.setdefault(param_group(name), []).append(p)
@@ -214,6 +250,11 @@ class Diagnostics:
         stats.update({"diag/logits_mean": z.mean(), "diag/logits_absmax": z_abs.amax(),
                       "diag/logz_mean": log_z.mean(), "diag/logz_std": log_z.std(correction=0),
                       "amp/overflow_activations": torch.stack(overflow).sum()})
+        if self.norm_probe:
+            dtype = self.precision.autocast_dtype or torch.float32
+            errors = norm_probe_errors(self.model.blocks[0].norm_attn, self.norm_kind, self.model.cfg.d_model, dtype,
+                                       self.precision.autocast(), x.device)
+            stats.update({f"diag/{name}": error for name, error in errors.items()})
         self.record(step, stats)
 
     @torch.no_grad()
@@ -231,13 +272,15 @@ class Diagnostics:
 
     @torch.no_grad()
     def observe_update(self, step: int) -> None:
-        """Per-group ||w_after - w_before|| / ||w_before|| (0 when the step was skipped)."""
+        """Per-group RMS of w_after - w_before and ||w_after - w_before|| / ||w_before|| (0 when the step was
+        skipped)."""
         before = iter(self._params_before)
         stats = {}
         for group, params in self.groups.items():
             old = [next(before) for _ in params]
-            stats[f"diag/update_ratio/{group}"] = (group_norm([p - o for p, o in zip(params, old)])
-                                                   / group_norm(old))
+            update = group_norm([p - o for p, o in zip(params, old)])
+            stats[f"diag/update_rms/{group}"] = update / math.sqrt(sum(p.numel() for p in params))
+            stats[f"diag/update_ratio/{group}"] = update / group_norm(old)
         self._params_before = None
         self.record(step, stats)
 

@@ -29,7 +29,7 @@ log = logging.getLogger("minilm")
 FINISHED = ("completed", "diverged")
 # Keys that change what is logged, where and how often, or how fast, but not the math of training:
 # a resumed run may change them freely.
-BOOKKEEPING_PREFIXES = ("logger.", "diagnostics.", "paths.")
+BOOKKEEPING_PREFIXES = ("logger.", "diagnostics.", "paths.", "study.")
 BOOKKEEPING_KEYS = {
     "train.log_interval", "train.eval_interval", "train.eval_batches", "train.ckpt_interval", "train.resume",
     "train.allow_config_change", "train.sample_tokens", "train.compile", "train.compile_backend",

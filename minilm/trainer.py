@@ -58,12 +58,16 @@ log = logging.getLogger("minilm")
 
 
 def build_optimizer(model: torch.nn.Module, optim_cfg, precision: Precision, seed: int) -> torch.optim.Optimizer:
-    """AdamW (the precision's) with weight decay on matrices only: not on norm gains, biases or embeddings."""
+    """AdamW (the precision's) with weight decay on matrices only: not on norm gains, biases or embeddings;
+    coupled to the LR (AdamW's) or independent of it (optim.independent_weight_decay)."""
     decay, no_decay = [], []
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     for p in model.parameters():  # tied weights appear once
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay, "name": "decay"},
+    weight_decay = optim_cfg.weight_decay
+    if optim_cfg.independent_weight_decay:  # torch's AdamW decays by lr_t x weight_decay: divide the peak LR out
+        weight_decay /= optim_cfg.lr
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return precision.optimizer(groups, optim_cfg, seed)
 
@@ -119,7 +123,8 @@ class Trainer:
         self.val_batches = eval_batches(self.data.val, cfg.model.block_size, cfg.train.batch_size,
                                         cfg.train.eval_batches)
         self.train_model = self._wrap_model()
-        self.diagnostics = Diagnostics(self.model, self.precision, cfg.diagnostics, enabled=self.is_main)
+        self.diagnostics = Diagnostics(self.model, self.precision, cfg.diagnostics, enabled=self.is_main,
+                                       norm_kind=str(cfg.norm.kind))
         self.numerics = (NumericsCollector(self.model, self.precision.name)
                          if cfg.diagnostics.numerics and self.diagnostics.interval else None)
         self.forensics = Forensics(self.model, self.optimizer, self.precision, cfg, self.run_dir, self.device,

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from minilm.cli import compose, preflight
 from minilm.config import validate
-from minilm.diagnostics import SpikeScore, beyond_fp16, param_group
+from minilm.diagnostics import PROBE_STDS, SpikeScore, beyond_fp16, norm_probe_errors, param_group
+from minilm.norms import build_norm
 from minilm.tracking import read_metrics
 from tests.helpers import losses, make_trainer, peek_batch, run_training
 
@@ -124,6 +125,7 @@ def test_gradient_and_update_diagnostics_match_a_float64_reference(tmp_path):
         assert close(got[f"diag/grad_rms/{group}"], norm(grads[n] for n in names) / root_n), group
         assert close(got[f"diag/param_rms/{group}"], norm(before[n] for n in names) / root_n), group
         assert close(got[f"diag/update_ratio/{group}"], norm(delta) / norm(before[n] for n in names), 1e-3), group
+        assert close(got[f"diag/update_rms/{group}"], norm(delta) / root_n, 1e-3), group
 
 
 def reference_spike_score(values, window, sigma):
@@ -179,8 +181,10 @@ def test_diagnostics_observe_without_perturbing(precision, tmp_path):
     common = ["deterministic=true", "model.dropout=0.1", f"precision={precision}", "train.max_steps=3",
               "train.grad_accum=2"]
     off = run_training(common + ["diagnostics=off"], tmp_path / "off")
-    on = run_training(common + ["diagnostics.interval=1", "diagnostics.activation_hooks=true"], tmp_path / "on")
+    on = run_training(common + ["diagnostics.interval=1", "diagnostics.activation_hooks=true",
+                                "diagnostics.norm_probe=true"], tmp_path / "on")
     assert losses(on) == losses(off) and len(losses(on)) == 3
+    assert all("diag/norm_error/centred/1e-04" in r for r in on if "train/loss" in r)
     assert [r["optim/grad_norm"] for r in on if "train/loss" in r] == [r["optim/grad_norm"] for r in off
                                                                        if "train/loss" in r]
     assert all("diag/attn_entropy/L1" in r for r in on if "train/loss" in r)
@@ -220,6 +224,28 @@ def test_qk_norm_bounds_the_logged_attention_logits(tmp_path):
         assert got[f"diag/attn_logit_max/L{i}"] <= math.sqrt(d_head)  # |q.k| / sqrt(d) <= |q||k| / sqrt(d)
     qk_norms = {f"diag/norm_in_absmax/blocks.{i}.attn.{n}" for i in range(N_LAYER) for n in ("q_norm", "k_norm")}
     assert qk_norms <= set(got)
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_norm_probe_measures_eps_bias_and_the_rounding_of_each_dtype(kind):
+    norm = build_norm(kind, 64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.mul_(1.5)  # the truth applies the gain too
+    errors = {dtype: norm_probe_errors(norm, kind, 64, dtype, torch.autocast("cpu", dtype, dtype != torch.float32),
+                                       torch.device("cpu"))  # the run's autocast, as the trainer passes it
+              for dtype in (torch.float32, torch.float16, torch.bfloat16)}
+    for std in PROBE_STDS:  # eps shrinks every row by std / sqrt(std^2 + eps): its error, whatever the dtype
+        bias = 1 - std / math.sqrt(std**2 + 1e-5)
+        assert errors[torch.float32][f"norm_error/centred/{std:.0e}"] == pytest.approx(bias, abs=1e-5)
+        assert errors[torch.float32][f"norm_rounding_error/centred/{std:.0e}"] < 1e-6
+    fp16, bf16 = errors[torch.float16], errors[torch.bfloat16]
+    # half an ulp over sqrt(3) (uniform rounding error): 2^-11 / sqrt(3) for fp16, 2^-8 / sqrt(3) for bf16
+    assert fp16["norm_rounding_error/centred/1e-02"] == pytest.approx(2**-11 / math.sqrt(3), rel=0.3)
+    assert bf16["norm_rounding_error/centred/1e-02"] == pytest.approx(2**-8 / math.sqrt(3), rel=0.3)
+    # below 6.1e-5 fp16 is subnormal: its spacing 2^-24 is fixed, so the relative error grows as 1 / std
+    assert fp16["norm_rounding_error/centred/1e-06"] > 5 * bf16["norm_rounding_error/centred/1e-06"]
+    if kind == "layernorm":  # 1 + 0.01 z: the spacing at 1 (2^-7, 2^-10) against a spread of 0.01
+        assert bf16["norm_rounding_error/offset/1e-02"] > 4 * fp16["norm_rounding_error/offset/1e-02"]
 
 
 def test_diagnostics_config_group():

@@ -1,11 +1,13 @@
-"""report.py's statistics on hand-made runs: confidence intervals, arms, LR sensitivity."""
+"""report.py and studies.py on hand-made runs: statistics, arms, LR sensitivity, figures, verdicts."""
 
+import csv
 import math
 
 import pytest
 import scipy.stats
 
 from minilm import report
+from minilm.divergence import DivergenceMonitor
 from minilm.runs import RunRecord
 
 
@@ -69,3 +71,118 @@ def test_a_run_that_spiked_past_the_divergence_line_and_went_on_keeps_its_final_
     assert stats.diverged and stats.diverged_at == 2 and stats.final_val == 5.1
     stopped = RunRecord("stopped", config(), rows=record.rows, summary={**record.summary, "outcome": "diverged"})
     assert report.run_stats(stopped).final_val is None
+
+
+def test_swept_keys_keep_a_key_another_group_happens_to_determine():
+    # a folder mixing two sweeps: each precision ran at its own LR; both keys still name the arms
+    mixed = [config("fp32", lr=1e-3), config("bf16", lr=1e-2), config("fp32", lr=1e-3, seed=1)]
+    assert report.swept_keys(mixed) == ["precision.name", "optim.lr"]
+
+
+# ---------------------------------------------------------------- the report over hand-made runs
+
+
+def nested(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def hand_made_run(study: dict, steps: int = 20, diverged_at: int | None = None, init: float = 7.0,
+                  logit_growth: float = 1.0, **values) -> RunRecord:
+    """A run of `steps` steps whose loss falls from `init` (stopping at `diverged_at`), with attention logits
+    sampled every 10 steps and, under `values`, its swept config values (dotted keys with __ for dots)."""
+    flat = {"seed": 0, "model.n_layer": 2, "model.qk_norm": False, "optim.lr": 1e-3,
+            **{k.replace("__", "."): v for k, v in values.items()}}
+    last = diverged_at or steps
+    rows = [{"step": s, "train/loss": init - 2 * s / steps} for s in range(1, last + 1)]
+    for row in rows:
+        if row["step"] == 1 or row["step"] % 10 == 0:
+            row.update({f"diag/attn_logit_max/L{i}": 1.0 + logit_growth * row["step"] for i in range(2)})
+    if diverged_at is None:
+        rows.append({"step": last, "val/loss": rows[-1]["train/loss"]})
+    summary = {"outcome": "diverged" if diverged_at else "completed", "diverged": bool(diverged_at),
+               "diverged_at_step": diverged_at, "spikes": [], "divergence_line": 7.4}
+    return RunRecord(f"run-{sorted(flat.items())}", {**nested(flat), "study": study}, rows=rows, summary=summary)
+
+
+def test_the_report_draws_exactly_the_declared_figures_that_have_data(tmp_path):
+    study = {"name": None, "figures": ["loss_curves", "logz", "attn_logit_max", "final_loss_vs_lr"],
+             "panel": "optim.lr", "expected": "the expected outcome, in words", "source": "a paper"}
+    runs = [hand_made_run(study, optim__lr=lr, model__qk_norm=qk, seed=seed)
+            for lr in (1e-3, 1e-2) for qk in (False, True) for seed in (0, 1)]
+    (tmp_path / "stale.png").write_bytes(b"an earlier report's figure")
+    text = report.write_report(runs, "hand-made", tmp_path)
+    drawn = {p.name for p in tmp_path.glob("*.png")}
+    assert drawn == {"loss_curves.png", "attn_logit_max.png", "final_loss_vs_lr.png"}  # logz: nothing logged it
+    assert "Not drawn, no data in these runs: logz" in text
+    assert all(f"]({name})" in text for name in drawn)  # every figure is linked
+    assert text.index("the expected outcome, in words") < text.index("## Arms")  # the report opens with it
+
+
+def test_a_one_step_study_reports_no_divergence_and_draws_no_loss_curve(tmp_path):
+    monitor = DivergenceMonitor(threshold=7.4, window=50)
+    monitor.update(1, 7.9)  # above the line at init: a one-step run cannot stay above it for the window
+    study = {"name": "grad_norm_init", "figures": ["loss_curves", "grad_norm_by_layer"], "panel": "model.n_layer"}
+    runs = []
+    for placement in ("pre", "post"):
+        record = hand_made_run(study, steps=1, model__placement=placement)
+        record.rows[0].update({f"diag/grad_rms/L{i}.{part}": 0.1 for i in range(2) for part in ("attn", "mlp")})
+        record.summary.update(monitor.summary(last_step=1))
+        runs.append(record)
+    text = report.write_report(runs, "one step", tmp_path)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"grad_norm_by_layer.png"}
+    with open(tmp_path / "arms.csv") as f:
+        arms = list(csv.DictReader(f))
+    assert [a["diverged"] for a in arms] == ["0", "0"] and [a["spiked"] for a in arms] == ["0", "0"]
+    assert "✔ a one-step study reports no divergence: 0/2 runs diverged" in text
+    assert "shorter than the window, so no divergence" in text
+
+
+def lr_qknorm_runs(stable_qk_norm: bool) -> list[RunRecord]:
+    """Runs where the arm `model.qk_norm=stable_qk_norm` trains at every LR and the other diverges at the top one."""
+    study = {"name": "lr_qknorm", "figures": [], "panel": "optim.lr"}
+    return [hand_made_run(study, optim__lr=lr, model__qk_norm=qk,
+                          diverged_at=15 if (lr == 1e-1 and qk != stable_qk_norm) else None,
+                          logit_growth=lr * (1 if qk else 100))
+            for lr in (1e-3, 1e-2, 1e-1) for qk in (False, True)]
+
+
+@pytest.mark.parametrize("stable_qk_norm", [True, False])
+def test_verdicts_are_computed_from_the_data(stable_qk_norm):
+    from minilm.studies import verdicts
+
+    runs = lr_qknorm_runs(stable_qk_norm)
+    sweep = report.Sweep([report.run_stats(r) for r in runs], report.swept_keys([r.config for r in runs]))
+    found = {v.claim: v for v in verdicts("lr_qknorm", sweep)}
+    sensitivity = found["qk-norm lowers the LR sensitivity"]
+    assert sensitivity.passed is stable_qk_norm  # flipping which arm diverges flips the verdict
+    without, with_qk = sensitivity.numbers["without"], sensitivity.numbers["with"]
+    assert (with_qk < without) is stable_qk_norm and sensitivity.measured == f"{without:.2f} → {with_qk:.2f}"
+    top_lr = "the highest learning rate diverges or ends far above the best loss without qk-norm, and trains with it"
+    assert found[top_lr].passed is stable_qk_norm
+    assert found["without qk-norm the max attention logit grows with the learning rate"].passed  # logits: lr x 100
+    assert found["with qk-norm the attention logits stay bounded"].passed
+
+
+def test_a_verdict_without_the_runs_it_needs_says_so():
+    from minilm.studies import verdicts
+
+    runs = [r for r in lr_qknorm_runs(True) if not r.config["model"]["qk_norm"]]  # the qk-norm arm is missing
+    sweep = report.Sweep([report.run_stats(r) for r in runs], report.swept_keys([r.config for r in runs]))
+    found = {v.claim: v for v in verdicts("lr_qknorm", sweep)}
+    assert found["qk-norm lowers the LR sensitivity"].passed is None
+    assert "not measured" in found["qk-norm lowers the LR sensitivity"].measured
+
+
+def test_n_counts_the_seeds_behind_each_point():
+    steps = [1, 2, 3, 4, 5]
+    assert report.n_label(steps, [dict.fromkeys(steps, 1.0)] * 3) == "n=3"
+    stopped = {1: 1.0, 2: 1.0, 3: 1.0}  # a run that stopped after step 3
+    assert report.n_label(steps, [dict.fromkeys(steps, 1.0), stopped]) == "n=2→1 from step 4"
+    assert report.n_label(steps, [dict.fromkeys(steps, 1.0)]) == "n=1"

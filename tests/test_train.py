@@ -5,8 +5,12 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from minilm import checkpoint
+from minilm.cli import compose
+from minilm.precision import Precision
+from minilm.trainer import build_optimizer
 from tests.helpers import losses, make_trainer, run_training
 
 PRECISIONS = ["fp32", "fp16", "bf16", "bf16_pure", "bf16_pure_nearest", "bf16_pure_kahan", "fp8", "fp8_rowwise"]
@@ -161,3 +165,20 @@ def test_stochastic_rounding_runs_are_bitwise_reproducible(tmp_path):
     first = losses(run_training(common, tmp_path / "a"))
     assert first == losses(run_training(common, tmp_path / "b"))
     assert first != losses(run_training([*common, "seed=1"], tmp_path / "c"))
+@pytest.mark.parametrize("independent", [False, True])
+def test_weight_decay_is_coupled_to_the_learning_rate_or_independent_of_it(independent):
+    decay = {}
+    for lr in (1e-3, 1e-2):
+        cfg = compose([f"optim.lr={lr}", f"optim.independent_weight_decay={independent}", "optim.weight_decay=0.01"])
+        layer = torch.nn.Linear(8, 8)
+        precision = Precision(OmegaConf.to_object(cfg.precision), torch.device("cpu"))
+        optimizer = build_optimizer(layer, cfg.optim, precision, 0)
+        before = layer.weight.detach().clone()
+        for p in layer.parameters():
+            p.grad = torch.zeros_like(p)  # AdamW's step is then the decay alone: w <- w (1 - lr x weight_decay)
+        optimizer.step()
+        decay[lr] = 1 - (layer.weight.detach() / before).mean().item()
+    if independent:  # the same per-step decay at any peak LR: weight_decay itself
+        assert decay[1e-3] == pytest.approx(0.01, rel=1e-4) and decay[1e-2] == pytest.approx(0.01, rel=1e-4)
+    else:  # AdamW's: lr x weight_decay
+        assert decay[1e-3] == pytest.approx(1e-5, rel=0.02) and decay[1e-2] == pytest.approx(1e-4, rel=0.02)

@@ -28,3 +28,11 @@ def build_norm(kind: str, dim: int, eps: float = 1e-5, affine: bool = True, bias
         return TritonRMSNorm(dim, eps=eps, affine=affine)
     raise ValueError(f"unknown norm kind {kind!r}; choose one of {', '.join(NORM_KINDS)}")
 
+
+def float64_norm(norm: str, x, eps: float):
+    """The textbook two-pass formula (x_hat, rstd) of a `layernorm` or `rmsnorm`; run in float64 it is the
+    truth the Triton kernels and the diagnostics' norm probe are compared to."""
+    centred = x if norm == "rmsnorm" else x - x.mean(-1, keepdim=True)
+    rstd = (centred.square().mean(-1, keepdim=True) + eps).rsqrt()
+    return centred * rstd, rstd
+

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minilm.norms import triton_ops
+from minilm.norms import float64_norm, triton_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NORMS = ("layernorm", "rmsnorm")
@@ -64,25 +64,18 @@ def forward_backward(fn, norm, x, weight, bias, eps, dy):
     return (y.detach(), *[None if t is None else next(grads) for t in leaves])
 
 
-def float64_norm(norm, x, weight, bias, eps):
-    """The textbook two-pass formula (x_hat, rstd); run in float64 it is the truth we compare to."""
-    centred = x if norm == "rmsnorm" else x - x.mean(-1, keepdim=True)
-    rstd = (centred.square().mean(-1, keepdim=True) + eps).rsqrt()
-    return centred * rstd, rstd
-
-
 def reference(norm, x, weight, bias, eps, dy):
     """float64 truth of (y, dx, dweight, dbias) for the same (already rounded) inputs, and the
     magnitudes their rounding errors scale with: |x_hat * w| + |b| for y; rstd * |dy * w| for dx,
     a difference of such terms; the row sums of |dy * x_hat| and |dy| for dweight and dbias."""
 
     def affine(norm, x, weight, bias, eps):
-        y = float64_norm(norm, x, weight, bias, eps)[0]
+        y = float64_norm(norm, x, eps)[0]
         return y * (1.0 if weight is None else weight) + (0.0 if bias is None else bias)
 
     x64, w64, b64, dy64 = (None if t is None else t.double() for t in (x, weight, bias, dy))
     truth = forward_backward(affine, norm, x64, w64, b64, eps, dy64)
-    x_hat, rstd = float64_norm(norm, x64, w64, b64, eps)
+    x_hat, rstd = float64_norm(norm, x64, eps)
     w_abs = 1.0 if w64 is None else w64.abs()
     scales = (
         (x_hat.abs() * w_abs + (0.0 if b64 is None else b64.abs())).max(),
