@@ -37,7 +37,8 @@ def operand(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
     every scaled value is an e4m3 normal number and the format's relative error bound holds."""
     magnitude = torch.logspace(0, 2, rows, dtype=torch.float64)[torch.randperm(rows, generator=generator)]
     signs = torch.randint(0, 2, (rows, cols), generator=generator) * 2 - 1
-    return (magnitude[:, None] * signs * (0.05 + 0.95 * torch.rand(rows, cols, generator=generator, dtype=torch.float64))).float()
+    spread = 0.05 + 0.95 * torch.rand(rows, cols, generator=generator, dtype=torch.float64)
+    return (magnitude[:, None] * signs * spread).float()
 
 
 def fp8_linear(in_features: int, out_features: int, recipe: str, weight: torch.Tensor) -> nn.Module:
