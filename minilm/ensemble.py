@@ -100,8 +100,9 @@ def available_bytes(device: torch.device) -> int:
 def split(indices: list[int], most: int) -> list[list[int]]:
     """`indices` in consecutive chunks of at most `most`, as even as possible."""
     chunks = math.ceil(len(indices) / max(1, most))
-    size = math.ceil(len(indices) / chunks)
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
+    size, larger = divmod(len(indices), chunks)  # the first `larger` chunks take one more
+    bounds = [k * size + min(k, larger) for k in range(chunks + 1)]
+    return [indices[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 @dataclass
