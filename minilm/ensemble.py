@@ -176,7 +176,7 @@ class Ensemble:
                     logits = self.forward(self.params, x)
                 scaled = []
                 for i, (trainer, member_logits, targets) in enumerate(zip(members, logits.unbind(0), y.unbind(0))):
-                    parts = lm_loss(member_logits, targets, trainer.cfg.optim.z_loss)
+                    parts = lm_loss(member_logits, targets, trainer.optim_cfg.z_loss)
                     scaled.append(trainer.precision.scaler.scale(parts.loss / self.accum))  # as Precision.backward
                     ce[i] += parts.ce.detach()
                     z[i] += parts.z_term.detach()

@@ -97,6 +97,8 @@ class Trainer:
                  data=None, environment: dict | None = None):
         validate(cfg)  # every config error surfaces before any work
         self.cfg, self.overrides, self.choices = cfg, list(overrides), choices or {}
+        # plain copies for what every step reads: an OmegaConf attribute read costs microseconds
+        self.train_cfg, self.optim_cfg = OmegaConf.to_object(cfg.train), OmegaConf.to_object(cfg.optim)
         self.device = resolve_device(cfg.device)
         check_runnable(cfg, self.device)
         set_deterministic(cfg.deterministic)  # before CUDA initializes
@@ -273,8 +275,9 @@ class Trainer:
         return batch
 
     def set_lr(self, step: int) -> None:
+        lr = lr_at(step, self.optim_cfg, self.train_cfg.max_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, self.cfg.optim, self.cfg.train.max_steps)
+            group["lr"] = lr
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One optimizer step; returns (mean cross-entropy, pre-clip grad norm) as device tensors.
@@ -282,12 +285,11 @@ class Trainer:
         Returns None, leaving the state as the previous step left it, when the previous step turned out to
         confirm a divergence and the run stops there (train.stop_on_divergence).
         """
-        cfg = self.cfg
         self.begin_step()
-        accum = cfg.train.grad_accum
+        accum = self.train_cfg.grad_accum
         ce_total = torch.zeros((), device=self.device)
         z_total = torch.zeros((), device=self.device)
-        anomaly = torch.autograd.detect_anomaly() if cfg.detect_anomaly else nullcontext()
+        anomaly = torch.autograd.detect_anomaly() if self.cfg.detect_anomaly else nullcontext()
         for micro in range(accum):
             x, y = self.micro_batch(micro)
             last = micro == accum - 1
@@ -295,7 +297,7 @@ class Trainer:
             with no_sync, anomaly:
                 with self.precision.autocast():
                     logits = self.train_model(x)
-                parts = lm_loss(logits, y, cfg.optim.z_loss)
+                parts = lm_loss(logits, y, self.optim_cfg.z_loss)
                 self.precision.backward(parts.loss / accum)
             ce_total += parts.ce.detach()
             z_total += parts.z_term.detach()
@@ -322,8 +324,8 @@ class Trainer:
     def finish_step(self, ce_total: torch.Tensor, z_total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Once the step's gradients are in the parameters' .grad (summed losses over the micro-batches given):
         settle the previous step, then unscale, clip and update; as train_step returns."""
-        cfg, in_flight = self.cfg, self._in_flight
-        step, sampled, accum = in_flight["step"], in_flight["sampled"], cfg.train.grad_accum
+        cfg, in_flight = self.train_cfg, self._in_flight
+        step, sampled, accum = in_flight["step"], in_flight["sampled"], cfg.grad_accum
         # This step's work is queued; settle the previous step while the weights are still untouched.
         if self._settle_previous_step():
             self._abandon_step(in_flight["snapshot"])
@@ -331,7 +333,7 @@ class Trainer:
         self.precision.unscale_(self.optimizer)
         if sampled:
             self.diagnostics.observe_gradients(step)
-        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.precision.step(self.optimizer, grad_norm)
         if sampled:
@@ -344,7 +346,7 @@ class Trainer:
             mean_ce /= self.world_size
         self.forensics.end_step()
         self.scalars.record(step, mean_ce, grad_norm)
-        if cfg.optim.z_loss:
+        if self.optim_cfg.z_loss:
             self.diagnostics.record(step, {"train/z_loss": z_total / accum})
         self._in_flight = None
         return mean_ce, grad_norm
@@ -365,7 +367,7 @@ class Trainer:
         log.error(f"diverged at step {monitor.diverged_at}, confirmed at step {step}: train/loss={loss:.4g} "
                   f"(non-finite, or above {monitor.threshold:.3f} for train.divergence_window="
                   f"{monitor.window} steps)")
-        return bool(self.cfg.train.stop_on_divergence)
+        return self.train_cfg.stop_on_divergence
 
     def _abandon_step(self, snapshot: dict) -> None:
         """Undo a step whose update was not applied: the run stops at the previous step, as that step left it."""
@@ -394,13 +396,14 @@ class Trainer:
         rows = torch.stack([torch.stack(pair) for pair in pending]).tolist()
         diag_rows = self.diagnostics.collect()  # right after that sync: nothing left to wait for
         elapsed = time.perf_counter() - window_start
-        tokens = len(rows) * self.cfg.train.batch_size * self.cfg.train.grad_accum * self.cfg.model.block_size
-        clip = self.cfg.train.grad_clip
+        cfg = self.train_cfg
+        tokens = len(rows) * cfg.batch_size * cfg.grad_accum * self.cfg.model.block_size
+        clip = cfg.grad_clip
         diverged_at = self.divergence.diverged_at
         for i, (loss, grad_norm) in enumerate(rows):
             step = first_step + i + 1
             metrics = {"train/loss": loss, "optim/grad_norm": grad_norm,
-                       "optim/lr": lr_at(step - 1, self.cfg.optim, self.cfg.train.max_steps),
+                       "optim/lr": lr_at(step - 1, self.optim_cfg, cfg.max_steps),
                        "optim/clipped": int(clip > 0 and math.isfinite(grad_norm) and grad_norm > clip),
                        **diag_rows.get(step, {})}
             self.diagnostics.on_logged(metrics)
@@ -430,7 +433,7 @@ class Trainer:
         return flag
 
     def _diverged_stop(self) -> bool:
-        return self.divergence.diverged and bool(self.cfg.train.stop_on_divergence)
+        return self.divergence.diverged and self.train_cfg.stop_on_divergence
 
     def fit(self, until_step: int | None = None) -> dict:
         """Train to train.max_steps (or only to `until_step`: outcome "paused", nothing written at the pause)
@@ -450,7 +453,7 @@ class Trainer:
 
     # fit in parts, so that an ensemble steps its members together and ends each one as it finishes
     def start_fit(self, until_step: int | None = None) -> None:
-        cfg = self.cfg.train
+        cfg = self.train_cfg
         self._end = cfg.max_steps if until_step is None else min(until_step, cfg.max_steps)
         self.model.train()
         self._bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.is_main and self.show_progress),
@@ -463,7 +466,7 @@ class Trainer:
 
     def after_step(self, result: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
         """A step's bookkeeping (flush, evaluate, checkpoint, stop signals); True when the run stops here."""
-        cfg = self.cfg.train
+        cfg = self.train_cfg
         if result is not None:
             self._pending.append(result)
         ckpt_due = (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or self.step == cfg.max_steps

@@ -5,7 +5,7 @@
     python scripts/bench_train.py model=small precision=bf16 --diagnostics-cost   # diagnostics on vs off
 
 Runs the real Trainer (logging, diagnostics, checkpoint cadence as configured) and a bare loop over
-the same model, optimizer, precision and batches (forward, backward, step: nothing else),
+the same model, optimizer, precision, batches and math (forward, backward, clip, step: nothing else),
 alternately `--repeats` times keeping the best of each, and prints tokens/s, step time, the
 framework's overhead over the bare loop, and on CUDA the peak memory and MFU. With
 --diagnostics-cost each repeat also times the Trainer with diagnostics=off: the diagnostics' cost is on / off - 1,
@@ -95,7 +95,8 @@ def clear_compile_counts() -> None:
 
 
 def time_bare_loop(trainer: Trainer, warmup: int, steps: int) -> float:
-    """The same model, optimizer, precision and batches with nothing else around them."""
+    """The same model, optimizer, precision, batches and math (clipping included, as nanoGPT clips) with
+    nothing else around them: no metrics, divergence checks, forensics, diagnostics or progress bar."""
     model = trainer.train_model
     optimizer = build_optimizer(trainer.model, trainer.cfg.optim)
     precision, device = trainer.precision, trainer.device
@@ -110,7 +111,10 @@ def time_bare_loop(trainer: Trainer, warmup: int, steps: int) -> float:
             with precision.autocast():
                 logits = model(x)
             precision.backward(lm_loss(logits, y).loss / trainer.cfg.train.grad_accum)
-        precision.step(optimizer)
+        precision.unscale_(optimizer)
+        clip = trainer.cfg.train.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), clip if clip > 0 else float("inf"))
+        precision.step(optimizer, grad_norm)
         optimizer.zero_grad(set_to_none=True)
     sync(device)
     return time.perf_counter() - start
