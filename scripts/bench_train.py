@@ -127,11 +127,13 @@ def bare_loop(trainer: Trainer):
 
 
 def alternate(runners: dict, steps: int, block: int, device: torch.device) -> dict[str, float]:
-    """Run each runner `block` steps at a time, in turn, until each ran `steps`; the seconds of each. Load
-    from elsewhere on the machine falls on all of them alike, and each block is one flush window."""
-    seconds = dict.fromkeys(runners, 0.0)
-    for _ in range(max(1, steps // block)):
-        for name, run in runners.items():
+    """Run each runner `block` steps at a time, in turn (the order rotating every round), until each ran
+    `steps`; the seconds of each. Load from elsewhere on the machine falls on all of them alike, and each
+    block is one flush window."""
+    seconds, names = dict.fromkeys(runners, 0.0), list(runners)
+    for round_ in range(max(1, steps // block)):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # each runner leads in turn
+            run = runners[name]
             sync(device)
             start = time.perf_counter()
             run(block)
