@@ -37,7 +37,9 @@ def choices(name: str, *values: str) -> type[Choice]:
 Placement = choices("Placement", "pre", "post", "sandwich")
 Init = choices("Init", "gpt2", "xavier")
 NormKind = choices("NormKind", "layernorm", "rmsnorm", "triton_layernorm", "triton_rmsnorm")
-PrecisionName = choices("PrecisionName", "fp32", "fp16", "bf16")
+PrecisionName = choices("PrecisionName", "fp32", "fp16", "bf16", "bf16_pure", "fp8")
+Rounding = choices("Rounding", "nearest", "stochastic", "kahan")
+Fp8Recipe = choices("Fp8Recipe", "tensorwise", "rowwise")
 DataSource = choices("DataSource", "pystdlib", "text", "hf")
 DecodeErrors = choices("DecodeErrors", "replace", "strict")
 LoggerBackend = choices("LoggerBackend", "wandb", "none")
@@ -114,12 +116,21 @@ class NormConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Autocast dtype and loss scaling (configs/precision/)."""
+    """Autocast dtype, loss scaling, pure-bf16 rounding, fp8 recipe (configs/precision/)."""
 
     name: PrecisionName = PrecisionName.fp32
     tf32: bool = False                                 # CUDA: TF32 for fp32 matmuls (faster, ~10-bit mantissa)
     init_scale: float = knob(65536.0, positive)        # fp16: the GradScaler's first loss scale
     growth_interval: int = knob(2000, at_least(1))     # fp16: steps without overflow before the scale doubles
+    rounding: Rounding | None = None                   # bf16_pure: how each update is rounded into the bf16 weights
+    fp8_recipe: Fp8Recipe | None = None                # fp8: tensorwise or rowwise scaling (torchao float8)
+
+    def cross_check(self) -> None:
+        for key, owner in (("rounding", "bf16_pure"), ("fp8_recipe", "fp8")):
+            if (getattr(self, key) is None) == (self.name == owner):
+                needs = f"precision={owner} needs precision.{key}" if self.name == owner else \
+                    f"precision.{key} applies to precision={owner} only, not precision={self.name}"
+                raise ConfigError(f"{needs}; pick a precision option (configs/precision/) that sets it")
 
 
 @dataclass
@@ -230,6 +241,7 @@ class DiagnosticsConfig:
     spike_sigma: float = knob(7.0, positive)           # a step this many standard deviations from its window's mean
     forensics: bool = True                             # a replay bundle at the first non-finite step
     activation_hooks: bool = False                     # with forensics: flag non-finite module outputs on every step
+    numerics: bool = True                              # numerics/*: per-layer underflow / overflow in the run's format
 
 
 @dataclass
@@ -324,7 +336,7 @@ def resolve_device(name: str):
 
 
 def check_runnable(cfg, device) -> None:
-    """What this machine must offer for the config: the norm kind's kernels."""
+    """What this machine and software must offer for the config: the norm kind's kernels, fp8's torchao."""
     from minilm.norms.availability import norm_unavailable_reason
 
     reason = norm_unavailable_reason(str(cfg.norm.kind), device.type)
@@ -333,6 +345,13 @@ def check_runnable(cfg, device) -> None:
     if cfg.train.compile_mode == "reduce-overhead" and device.type != "cuda":
         raise ConfigError(f"train.compile_mode=reduce-overhead replays CUDA graphs, which need a CUDA device, and "
                           f"this run is on {device}; use train.compile_mode=default there")
+    if cfg.precision.name == "fp8":
+        from minilm.fp8 import fp8_unavailable_reason
+
+        reason = fp8_unavailable_reason(cfg.model, str(cfg.precision.fp8_recipe),
+                                        cfg.train.batch_size * cfg.model.block_size)
+        if reason:
+            raise ConfigError(f"precision=fp8 cannot run this config: {reason}")
 
 
 def schema_field(key: str):

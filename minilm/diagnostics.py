@@ -202,8 +202,10 @@ class Diagnostics:
                 handle.remove()
 
         for i, h in attn_inputs.items():  # hooks are off: recomputing q, k triggers none of them
-            with torch.autocast(x.device.type, enabled=False):
-                q, k, _ = self.model.blocks[i].attn.project_qkv(h.float())
+            attn = self.model.blocks[i].attn
+            with torch.autocast(x.device.type, enabled=False):  # in fp32, or in bf16 for a bf16_pure model
+                q, k, _ = attn.project_qkv(h.to(attn.qkv.weight.dtype))
+            q, k = q.float(), k.float()
             stats[f"diag/attn_logit_max/L{i}"], stats[f"diag/attn_entropy/L{i}"] = attention_stats(q, k)
             stats[f"diag/q_rms/L{i}"], stats[f"diag/k_rms/L{i}"] = rms(q), rms(k)
         z = logits.float()

@@ -177,7 +177,7 @@ class Ensemble:
                 scaled = []
                 for i, (trainer, member_logits, targets) in enumerate(zip(members, logits.unbind(0), y.unbind(0))):
                     parts = lm_loss(member_logits, targets, trainer.optim_cfg.z_loss)
-                    scaled.append(trainer.precision.scaler.scale(parts.loss / self.accum))  # as Precision.backward
+                    scaled.append(trainer.precision.scale_loss(parts.loss / self.accum))  # as Precision.backward
                     ce[i] += parts.ce.detach()
                     z[i] += parts.z_term.detach()
                 torch.stack(scaled).sum().backward()  # each member's loss gets gradient 1, as alone

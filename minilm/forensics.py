@@ -91,12 +91,13 @@ def replay_step(bundle: dict, device: torch.device, anomaly: bool = False) -> di
     """
     caller_rng = rng_state()
     try:
+        from minilm.trainer import build_model  # the trainer builds on this module
+
         cfg = OmegaConf.merge(OmegaConf.structured(Config), bundle["config"])
-        model = GPT(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.norm), bundle["vocab_size"])
-        model = model.to(device)  # its init draws from the RNG: restored below
+        precision = Precision(OmegaConf.to_object(cfg.precision), device)
+        model = build_model(cfg, bundle["vocab_size"], precision)  # its init draws from the RNG: restored below
         model.load_state_dict(bundle["model"])
         model.train()
-        precision = Precision(OmegaConf.to_object(cfg.precision), device)
         precision.load_state_dict(bundle["scaler"])
         set_rng_state(bundle["rng"])
         watch = ActivationWatch(model)

@@ -33,14 +33,18 @@ _MATMUL_MULTIPLE = 16  # torch._scaled_mm: every dim of the fp8 operands but the
 def _import_torchao_float8():
     # A CPU build of torch cannot load torchao's CUDA extensions and torchao logs one warning per
     # file; float8 training does not use them (its matmul is torch._scaled_mm).
-    logger = logging.getLogger("torchao")
-    level = logger.level
+    # Importing torchao also makes torch warn once that registering an enum with pytree is deprecated.
+    loggers = [logging.getLogger("torch.utils._pytree")]
     if torch.version.cuda is None:
+        loggers.append(logging.getLogger("torchao"))
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
         import torchao.float8
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     return torchao.float8
 
 

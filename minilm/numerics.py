@@ -154,7 +154,7 @@ class NumericsCollector:
             with torch.random.fork_rng(devices=devices):
                 with autocast():
                     logits = self.model(x)
-                loss = scale_loss(lm_loss(logits, y)[0])
+                loss = scale_loss(lm_loss(logits, y).loss)
         finally:
             for handle in handles:
                 handle.remove()

@@ -1,14 +1,19 @@
-"""Precision policy: the one object the trainer asks how to run forward, backward and step.
+"""Precision policy: the one object the trainer asks how to build the model and optimizer, and
+how to run forward, backward and step.
 
-    fp32  no autocast; optional TF32 matmuls on CUDA.
-    bf16  autocast to bfloat16; no loss scaling (bf16 has fp32's exponent range).
-    fp16  autocast to float16 with dynamic loss scaling (torch.amp.GradScaler):
-          scale the loss, unscale before clipping, skip the step on inf/nan, update.
+    fp32       no autocast; optional TF32 matmuls on CUDA.
+    bf16       autocast to bfloat16; no loss scaling (bf16 has fp32's exponent range).
+    fp16       autocast to float16 with dynamic loss scaling (torch.amp.GradScaler):
+               scale the loss, unscale before clipping, skip the step on inf/nan, update.
+    bf16_pure  the model, its gradients and AdamW's state in bf16, no fp32 master copy; each
+               update is rounded into the bf16 weights by precision.rounding (minilm/bf16_pure.py).
+    fp8        bf16 autocast, with the linears (not the LM head) in fp8 through torchao's float8
+               training, precision.fp8_recipe scaling (minilm/fp8.py); emulated off fp8 GPUs.
 
-Parameters and optimizer state always stay fp32 (autocast only casts op inputs).
-A non-finite gradient never reaches the weights in any precision: fp16's scaler
-skips the step, and for fp32/bf16 we hand the fused AdamW the same on-device
-`found_inf` flag the scaler would, so the check costs no host synchronization.
+Except under bf16_pure, parameters and optimizer state stay fp32 (autocast only casts op inputs).
+A non-finite gradient never reaches the weights in any precision: fp16's scaler skips the step,
+and otherwise the optimizer gets the same on-device `found_inf` flag the scaler would, so the
+check costs no host synchronization.
 """
 
 import time
@@ -19,14 +24,15 @@ import torch
 
 from minilm.config import PrecisionConfig
 
-_AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+_AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16, "bf16_pure": None,
+                    "fp8": torch.bfloat16}
 _warned_slow_paths: set[tuple[str, str]] = set()
 
 
 def matmul_slowdown(dtype: torch.dtype, device: torch.device, n: int = 128, reps: int = 3) -> float:
     """How many times slower an n x n matmul is in `dtype` than in fp32 on `device` (best of `reps`)."""
     def best(dt):
-        a = torch.randn(n, n, device=device).to(dt)
+        a = torch.full((n, n), 0.5, device=device, dtype=dt)  # not random: the run's RNG stream stays untouched
         times = []
         for _ in range(reps):
             start = time.perf_counter()
@@ -57,7 +63,8 @@ def warn_if_slow_path(name: str, device: torch.device) -> None:
 class Precision:
     def __init__(self, cfg: PrecisionConfig, device: torch.device):
         self.name = str(cfg.name)
-        self.device_type = device.type
+        self.device, self.device_type = device, device.type
+        self.rounding, self.fp8_recipe = cfg.rounding and str(cfg.rounding), cfg.fp8_recipe and str(cfg.fp8_recipe)
         self.autocast_dtype = _AUTOCAST_DTYPES[self.name]
         self.scaler = torch.amp.GradScaler(
             self.device_type, init_scale=cfg.init_scale, growth_interval=cfg.growth_interval,
@@ -70,11 +77,53 @@ class Precision:
 
     def describe(self) -> str:
         """What runs, for the log and the environment record."""
+        if self.name == "bf16_pure":
+            return f"pure bf16 weights, gradients and AdamW state, {self.rounding} rounding of the updates"
+        if self.name == "fp8":
+            from minilm.fp8 import fp8_path
+
+            return (f"fp8 linears ({self.fp8_recipe} scaling, {fp8_path(self.device, self.fp8_recipe)}), bf16 "
+                    f"autocast elsewhere, fp32 weights and optimizer state")
         if self.autocast_dtype is None:
-            return "fp32" + (" (TF32 matmuls)" if self.device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-                             else "")
+            tf32 = self.device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+            return "fp32" + (" (TF32 matmuls)" if tf32 else "")
         scaling = " with dynamic loss scaling (GradScaler)" if self.uses_scaler else ""
         return f"{self.name} autocast on {self.device_type}{scaling}, fp32 weights and optimizer state"
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model in this precision's number formats. Call after moving it to the device, before
+        building the optimizer, DDP and torch.compile."""
+        if self.name == "bf16_pure":
+            return model.to(torch.bfloat16)
+        if self.name == "fp8":
+            from minilm.fp8 import convert_to_fp8
+
+            convert_to_fp8(model, self.fp8_recipe, self.device)
+        return model
+
+    def optimizer(self, groups: list[dict], optim_cfg, seed: int) -> torch.optim.Optimizer:
+        """AdamW over the parameter groups: torch's fused one on fp32 weights, minilm's BF16AdamW on
+        bf16 ones (its stochastic rounding seeded by the run seed, the same on every rank)."""
+        betas = (optim_cfg.beta1, optim_cfg.beta2)
+        if self.name == "bf16_pure":
+            from minilm.bf16_pure import BF16AdamW
+
+            return BF16AdamW(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps, rounding=self.rounding,
+                             seed=seed)
+        # fused=True: one kernel for the whole update, and it honours the on-device found_inf
+        # flag (see `step`), so skipping needs no host sync.
+        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps, fused=True)
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Clip the gradients to a global L2 norm of `max_norm`; return the norm before clipping. Under
+        bf16_pure the norm is taken in fp32 (a bf16 norm keeps 8 significant bits)."""
+        if self.name != "bf16_pure":
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
+                                                     for g in grads]))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
 
     @property
     def uses_scaler(self) -> bool:
@@ -85,8 +134,12 @@ class Precision:
             return nullcontext()
         return torch.autocast(self.device_type, dtype=self.autocast_dtype)
 
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss as backward sees it: times the fp16 loss scale, else unchanged."""
+        return self.scaler.scale(loss)
+
     def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale(loss).backward()
+        self.scale_loss(loss).backward()
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Bring gradients back to their true scale (call before clipping)."""

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from minilm import checkpoint
+from minilm.bf16_pure import bytes_per_param
 from minilm.config import check_runnable, resolve_device, validate
 from minilm.data import TokenWindowSampler, eval_batches, prepare_data
 from minilm.diagnostics import Diagnostics, peak_memory_mb
@@ -48,6 +49,7 @@ from minilm.errors import EXIT_CODES, CheckpointError, DataError, MinilmError, R
 from minilm.forensics import Forensics
 from minilm.lifecycle import RunDir, StepScalars, StopSignals, check_architecture, check_resume, plain
 from minilm.model import GPT, lm_loss
+from minilm.numerics import NumericsCollector
 from minilm.precision import Precision
 from minilm.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, torch_rng_state
 from minilm.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, Tracker
@@ -55,18 +57,21 @@ from minilm.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, Tracker
 log = logging.getLogger("minilm")
 
 
-def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: not on norm gains, biases or embeddings."""
+def build_optimizer(model: torch.nn.Module, optim_cfg, precision: Precision, seed: int) -> torch.optim.Optimizer:
+    """AdamW (the precision's) with weight decay on matrices only: not on norm gains, biases or embeddings."""
     decay, no_decay = [], []
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     for p in model.parameters():  # tied weights appear once
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    # fused=True: one kernel for the whole update, and it honours the on-device
-    # found_inf flag (precision.Precision.step), so skipping needs no host sync.
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
-                             eps=optim_cfg.eps, fused=True)
+    return precision.optimizer(groups, optim_cfg, seed)
+
+
+def build_model(cfg, vocab_size: int, precision: Precision) -> GPT:
+    """The run's GPT on the precision's device, in the precision's number formats."""
+    model = GPT(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.norm), vocab_size)
+    return precision.prepare_model(model.to(precision.device))
 
 
 def lr_at(step: int, optim_cfg, max_steps: int) -> float:
@@ -117,16 +122,17 @@ class Trainer:
 
         seed_everything(cfg.seed)  # identical model init on every rank
         self.data = data if data is not None else self._prepare_data()
-        self.model = GPT(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.norm), self.data.vocab_size)
-        self.model = self.model.to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
         self.precision = Precision(OmegaConf.to_object(cfg.precision), self.device)
+        self.model = build_model(cfg, self.data.vocab_size, self.precision)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.precision, cfg.seed)
         self.sampler = TokenWindowSampler(self.data.train, cfg.model.block_size, cfg.train.batch_size, cfg.seed,
                                           self.rank, self.world_size)
         self.val_batches = eval_batches(self.data.val, cfg.model.block_size, cfg.train.batch_size,
                                         cfg.train.eval_batches)
         self.train_model = self._wrap_model()
         self.diagnostics = Diagnostics(self.model, self.precision, cfg.diagnostics, enabled=self.is_main)
+        self.numerics = (NumericsCollector(self.model, self.precision.name)
+                         if cfg.diagnostics.numerics and self.diagnostics.interval else None)
         self.forensics = Forensics(self.model, self.optimizer, self.precision, cfg, self.run_dir, self.device,
                                    self.rank, self.world_size, log=log.error)
         # a uniform prediction's loss, plus a margin for the loss at init; see minilm/divergence.py
@@ -317,8 +323,12 @@ class Trainer:
         """The step's next micro-batch, seen by forensics and, on a sampled step, by diagnostics."""
         x, y = self.next_batch()
         self.forensics.add_batch(x, y)
+        step = self._in_flight["step"]
         if self._in_flight["sampled"] and micro == 0:
-            self.diagnostics.observe_forward(self._in_flight["step"], x)
+            self.diagnostics.observe_forward(step, x)
+            if self.numerics:
+                self.diagnostics.record(step, self.numerics.observe(x, y, self.precision.autocast,
+                                                                    self.precision.scale_loss))
         return x, y
 
     def finish_step(self, ce_total: torch.Tensor, z_total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -334,7 +344,7 @@ class Trainer:
         if sampled:
             self.diagnostics.observe_gradients(step)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = self.precision.clip_grad_norm(list(self.model.parameters()), clip)
         self.precision.step(self.optimizer, grad_norm)
         if sampled:
             self.diagnostics.observe_update(step)
@@ -410,6 +420,8 @@ class Trainer:
             if self.precision.uses_scaler:
                 self.skipped_steps += int(not math.isfinite(grad_norm))
                 metrics["amp/skipped_steps"] = self.skipped_steps
+            if step == 1:  # the optimizer's state exists from the first step on
+                metrics["mem/bytes_per_param"] = bytes_per_param(self.optimizer)
             if i == len(rows) - 1:
                 metrics["perf/tokens_per_s"] = tokens * self.world_size / elapsed
                 metrics["perf/step_time_ms"] = 1000 * elapsed / len(rows)

@@ -105,7 +105,7 @@ def bare_loop(trainer: Trainer):
     included, as nanoGPT clips) with nothing else around them: no metrics, divergence checks, forensics,
     diagnostics or progress bar."""
     model = trainer.train_model
-    optimizer = build_optimizer(trainer.model, trainer.cfg.optim)
+    optimizer = build_optimizer(trainer.model, trainer.cfg.optim, trainer.precision, trainer.cfg.seed)
     precision, train_cfg, step = trainer.precision, trainer.cfg.train, 0
     clip = train_cfg.grad_clip if train_cfg.grad_clip > 0 else float("inf")
 
@@ -120,7 +120,7 @@ def bare_loop(trainer: Trainer):
                     logits = model(x)
                 precision.backward(lm_loss(logits, y).loss / train_cfg.grad_accum)
             precision.unscale_(optimizer)
-            precision.step(optimizer, torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), clip))
+            precision.step(optimizer, precision.clip_grad_norm(list(trainer.model.parameters()), clip))
             optimizer.zero_grad(set_to_none=True)
             step += 1
     return steps

@@ -29,8 +29,8 @@
 #           | optional, with what is left: Triton tests on the GPU, compute-sanitizer memcheck
 #   part 2: setup ~15 s | compiled, torch LayerNorm, diagnostics on vs off: 110 (~60 s compilation,
 #           3 x 110 steps, 2 end-of-run checkpoints of 1.5 GB) | compiled, Triton LayerNorm: 80 | eager,
-#           torch and Triton LayerNorm: 25 each (55 steps). All four fit when compilation takes under
-#           ~60 s; otherwise the last ones are cut short or skipped. bench_train.py rewrites its JSON
+#           torch LayerNorm in bf16 and in fp8 (tensorwise): 25 each (55 steps). All four fit when
+#           compilation takes under ~60 s; otherwise the last ones are cut short or skipped. bench_train.py rewrites its JSON
 #           after every measurement, so a configuration stopped at its cap keeps what it measured.
 set -uo pipefail
 OUT_ROOT=$(realpath -m "${OUT:-$(dirname "$0")/../gpu-results}")  # before the cd: a relative OUT is the caller's
@@ -176,7 +176,7 @@ part2() {
     train_config "compile layernorm" 110 train.compile=true norm=layernorm "${long[@]}" --diagnostics-cost
     train_config "compile triton_layernorm" 80 train.compile=true norm=triton_layernorm "${long[@]}"
     train_config "eager layernorm" 25 norm=layernorm "${short[@]}"
-    train_config "eager triton_layernorm" 25 norm=triton_layernorm "${short[@]}"
+    train_config "eager fp8" 25 norm=layernorm precision=fp8 "${short[@]}"  # against eager bf16 just above
 }
 
 # Part 3: sweep throughput (minilm/ensemble.py) and CUDA graphs for a small model (train.compile_mode).

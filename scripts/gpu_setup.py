@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Carried packages, at the version installed on the machine that fetches them (CARRIED_PINS for those
 # not installed there). fsspec: datasets pins fsspec<=its release's version, and the image's may be newer.
 CARRIED = ("hydra-core", "omegaconf", "antlr4-python3-runtime", "datasets", "dill", "multiprocess", "fsspec",
-           "liger-kernel")
+           "liger-kernel", "torchao")
 CARRIED_PINS = {"liger-kernel": "0.8.5"}  # the benchmark's comparison, not a project dependency
 IMAGE_PACKAGES = ROOT / "scripts" / "gpu_image_packages.txt"
 MAX_MIB = 50  # the whole working tree travels within 64 MiB
@@ -134,7 +134,8 @@ SMOKE = {
         "datasets.Dataset.from_dict({'text': ['a b']}).map(lambda row: {'n': len(row['text'])})",
     "tokenizers": "import tokenizers",
     "minilm (trainer, Triton ops)": "import minilm.trainer, minilm.norms.triton_ops",
-    "pytest, scipy, matplotlib (test collection)": "import pytest, scipy.stats, scripts.report",
+    "pytest, scipy, matplotlib (test collection)": "import pytest, scipy.stats, minilm.report",
+    "torchao (the fp8 precision)": "import torchao.float8",
 }
 # A comparison, not a need: when it fails, the bandwidth section skips Liger's rows and says why.
 OPTIONAL_SMOKE = {"liger-kernel": "import liger_kernel.ops.layer_norm, liger_kernel.ops.rms_norm"}

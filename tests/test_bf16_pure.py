@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from minilm.bf16_pure import ROUNDINGS, BF16AdamW, bytes_per_param, stochastic_round_to_bf16
-from minilm.model import GPT, ModelConfig, lm_loss
+from minilm.config import ModelConfig, NormConfig
+from minilm.model import GPT, lm_loss
 
 VOCAB = 64
 
@@ -126,7 +127,8 @@ def test_a_non_finite_gradient_skips_the_update_on_device():
 
 def tiny_gpt(seed: int = 0, device: str = "cpu") -> GPT:
     torch.manual_seed(seed)
-    return GPT(ModelConfig(vocab_size=VOCAB, n_layer=2, n_head=2, d_model=32, block_size=16)).to(device, torch.bfloat16)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, d_model=32, block_size=16), NormConfig(), VOCAB)
+    return model.to(device, torch.bfloat16)
 
 
 def build_optimizer(model: GPT, rounding: str, seed: int = 0, lr: float = 3e-3) -> BF16AdamW:
@@ -144,7 +146,7 @@ def batches(n: int, seed: int = 1, device: str = "cpu"):
 def train(model: GPT, optimizer: BF16AdamW, data) -> list[float]:
     losses = []
     for tokens in data:
-        loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])[0]
+        loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:]).loss
         loss.backward()
         for group in optimizer.param_groups:  # as the trainer sets its schedule
             group["lr"] = group["lr"] * 0.99
@@ -199,7 +201,7 @@ def test_memory_per_parameter():
     assert bytes_per_param(build_optimizer(model, "nearest")) == 8  # weight, grad, two moments: 2 bytes each
     assert bytes_per_param(build_optimizer(model, "stochastic")) == 8
     assert bytes_per_param(build_optimizer(model, "kahan")) == 10  # + the compensation buffer
-    fp32 = GPT(ModelConfig(vocab_size=VOCAB, n_layer=1, n_head=2, d_model=32, block_size=16))
+    fp32 = GPT(ModelConfig(n_layer=1, n_head=2, d_model=32, block_size=16), NormConfig(), VOCAB)
     adamw = torch.optim.AdamW(fp32.parameters(), lr=1e-3)
     for p in fp32.parameters():
         p.grad = torch.zeros_like(p)

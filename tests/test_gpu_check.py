@@ -19,7 +19,7 @@ gpu_setup = load_script("gpu_setup")
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_SECTIONS = ["setup", "correctness", "collect-only gpu-marked tests", "bandwidth", "precision", "setup",
                      "training: compile layernorm", "training: compile triton_layernorm", "training: eager layernorm",
-                     "training: eager triton_layernorm", "setup", "sweep: lr_qknorm tiny", "training: tiny compiled",
+                     "training: eager fp8", "setup", "sweep: lr_qknorm tiny", "training: tiny compiled",
                      "training: tiny CUDA graphs"]
 MAX_FILES, MAX_FOLDERS = 8, 2  # what the device tool brings back from $OUT
 
@@ -64,7 +64,7 @@ def test_dry_run_passes_every_section_within_the_file_limits(tmp_path):
     assert all(r["us"] > 0 for r in norms["results"] if r["impl"] in ("eager", "compile"))
     precision = json.loads((part1 / "precision.json").read_text())["results"]
     assert set(precision) == {"fp16", "bf16"} and all(r["ok"] for r in precision.values())
-    for name in ("compile_layernorm", "compile_triton_layernorm", "eager_layernorm", "eager_triton_layernorm"):
+    for name in ("compile_layernorm", "compile_triton_layernorm", "eager_layernorm", "eager_fp8"):
         training = json.loads((part2 / f"train_{name}.json").read_text())
         assert training["tokens_per_s"] > 0 and training["config"]["compile"] == name.startswith("compile")
         assert (training["compile"] is not None) == name.startswith("compile")

@@ -95,6 +95,12 @@ BAD_CONFIG = [
     (["-m", "model.qk_norm=false,2"], ["model.qk_norm=2", "boolean"]),
     (["-m", "seed=range(0,3)", "train.batch_size=0"], ["train.batch_size=0"]),
     (["experiment=lr_qknorm"], ["experiment=lr_qknorm", "-m", "optim.lr", "model.qk_norm"]),
+    (["precision=bf16", "precision.rounding=kahan"], ["precision.rounding", "bf16_pure only"]),
+    (["precision=bf16_pure", "precision.rounding=null"], ["precision=bf16_pure needs precision.rounding"]),
+    (["precision=bf16_pure", "precision.rounding=up"], ["precision.rounding=up", "stochastic", "kahan"]),
+    (["precision=fp8", "precision.fp8_recipe=blockwise"], ["precision.fp8_recipe=blockwise", "rowwise"]),
+    (["precision=fp8", "model.d_model=72"], ["precision=fp8", "model.d_model=72", "multiple of 16"]),
+    (["precision=fp8", "train.batch_size=3", "model.block_size=25"], ["75 tokens", "multiple of 16"]),
 ]
 if not torch.cuda.is_available():
     BAD_CONFIG.append((["device=cuda"], ["device='cuda'", "no CUDA GPU"]))

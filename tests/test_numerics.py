@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from minilm.config import ModelConfig, NormConfig
 from minilm.fp8 import convert_to_fp8
-from minilm.model import GPT, ModelConfig, lm_loss
+from minilm.model import GPT, lm_loss
 from minilm.numerics import FORMATS, TENSOR_CLASSES, NumericsCollector, format_stats, format_thresholds
 
 K = 7  # planted elements of each kind
@@ -74,7 +75,7 @@ def test_nan_counts_as_overflow_and_zeros_are_not_counted():
 
 def tiny_gpt(dropout: float = 0.0) -> GPT:
     torch.manual_seed(0)
-    return GPT(ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, block_size=16, dropout=dropout))
+    return GPT(ModelConfig(n_layer=2, n_head=2, d_model=32, block_size=16, dropout=dropout), NormConfig(), 64)
 
 
 LAYERS = [f"L{i}.{name}" for i in range(2) for name in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")] + ["head"]
@@ -150,7 +151,7 @@ def test_observing_does_not_change_training():
             x, y = batch(step)
             if observe:
                 collector.observe(x, y, fp32_autocast)
-            loss = lm_loss(model(x), y)[0]
+            loss = lm_loss(model(x), y).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -161,7 +162,7 @@ def test_observing_does_not_change_training():
 
 
 def test_layer_names_follow_the_diagnostics_groups():
-    model = GPT(ModelConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32, block_size=16, tie_embeddings=False))
+    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=32, block_size=16, tie_embeddings=False), NormConfig(), 64)
     names = {layer for layer, module, _ in NumericsCollector(model, "bf16").linears}
     assert names == {"L0.attn.qkv", "L0.attn.proj", "L0.mlp.fc", "L0.mlp.proj", "head"}
     assert all(isinstance(module, nn.Linear) for _, module, _ in NumericsCollector(model, "bf16").linears)

@@ -7,7 +7,8 @@ from omegaconf import OmegaConf
 from minilm.cli import CONFIG_DIR, compose, group_options, preflight
 
 ROOT = CONFIG_DIR.parent
-STUDIES = {"precision_matrix", "norm_placement", "lr_qknorm", "postnorm_warmup", "grad_norm_init", "zloss"}
+STUDIES = {"precision_matrix", "norm_placement", "lr_qknorm", "postnorm_warmup", "grad_norm_init", "zloss", "fp8",
+           "bf16_pure"}
 
 
 def sweep_params(name: str) -> dict[str, str]:

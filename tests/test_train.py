@@ -9,22 +9,25 @@ import torch
 from minilm import checkpoint
 from tests.helpers import losses, make_trainer, run_training
 
+PRECISIONS = ["fp32", "fp16", "bf16", "bf16_pure", "bf16_pure_nearest", "bf16_pure_kahan", "fp8", "fp8_rowwise"]
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("placement", ["pre", "post"])
 def test_one_step_gives_finite_loss_and_updates_every_parameter(placement, norm, precision, tmp_path):
     trainer = make_trainer([f"model.placement={placement}", f"norm={norm}", f"precision={precision}",
-                            "optim.warmup_steps=0"], tmp_path)
+                            "optim.warmup_steps=0", "optim.lr=1e-2"], tmp_path)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     loss, grad_norm = trainer.train_step()
     assert math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
+    weights = torch.bfloat16 if precision.startswith("bf16_pure") else torch.float32  # no fp32 master copy
     for name, param in trainer.model.named_parameters():
-        assert param.dtype == torch.float32, name  # master weights stay fp32
+        assert param.dtype == weights, name
         assert not torch.equal(param, before[name]), f"{name} was not updated"
     for state in trainer.optimizer.state.values():
-        assert state["exp_avg"].dtype == torch.float32
+        assert state["exp_avg"].dtype == weights
 
 
 @pytest.mark.slow
@@ -50,7 +53,7 @@ def test_deterministic_runs_are_bitwise_equal(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16_pure"])
 def test_resume_equals_uninterrupted(precision, tmp_path):
     common = ["deterministic=true", "optim.warmup_steps=0", "model.dropout=0.1", f"precision={precision}",
               "train.max_steps=10", "train.grad_accum=2"]
@@ -136,3 +139,25 @@ def test_rerunning_a_finished_run_keeps_its_results(tmp_path):
     assert first["val/loss"] is not None and second["val/loss"] == first["val/loss"]
     assert second["last_healthy/step"] == 3 and second["outcome"] == "completed"
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16_pure", "bf16_pure_kahan", "fp8", "fp8_rowwise"])
+def test_the_new_precisions_train(precision, tmp_path):
+    rows = run_training([f"precision={precision}", "train.max_steps=40", "optim.lr=1e-2", "optim.warmup_steps=5",
+                         "train.eval_interval=0"], tmp_path)
+    train_losses = losses(rows)
+    assert all(math.isfinite(loss) for loss in train_losses)
+    assert sum(train_losses[-5:]) / 5 < sum(train_losses[:5]) / 5 - 0.3
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert ("emulated (cpu)" in env["precision"]) == precision.startswith("fp8")
+    bytes_per_param = rows[0]["mem/bytes_per_param"]
+    assert bytes_per_param == {"bf16_pure": 8, "bf16_pure_kahan": 10}.get(precision, 16)
+
+
+@pytest.mark.slow
+def test_stochastic_rounding_runs_are_bitwise_reproducible(tmp_path):
+    common = ["precision=bf16_pure", "deterministic=true", "train.max_steps=6", "model.dropout=0.1"]
+    first = losses(run_training(common, tmp_path / "a"))
+    assert first == losses(run_training(common, tmp_path / "b"))
+    assert first != losses(run_training([*common, "seed=1"], tmp_path / "c"))
