@@ -21,7 +21,8 @@ Numerics. A member's init is the solo run's (the same seeding before the same mo
 batched step the linears, attention, embeddings and loss compute bitwise what they compute alone (CPU,
 fp32); the norm layers' weight and bias gradients are reduced in another order by vmap's batching rule
 (about 1e-7 relative), so a member's losses equal the solo run's to a relative tolerance, not bitwise
-(tests/test_ensemble.py states and checks it). Dropout would draw other masks under vmap: runs with
+(tests/test_ensemble.py states and checks it); under bf16 autocast the batched matmuls round differently
+already in the forward (about 1e-5 relative). Dropout would draw other masks under vmap: runs with
 model.dropout > 0 are not batched (they run alone), and neither are the Triton norm kinds.
 """
 
