@@ -32,6 +32,7 @@ import os
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -126,6 +127,7 @@ class Ensemble:
         self.signals = StopSignals()
         for trainer in trainers:
             trainer.signals = self.signals  # one Ctrl-C stops every member after the same step
+            trainer.rng_snapshot = partial(self._member_rng, trainer)
         self._restack()
         forward = vmap(self._member_forward)
         if self.cfg.train.compile:
@@ -145,15 +147,18 @@ class Ensemble:
                 p.data = self.params[name].detach()[i]
 
     @contextmanager
-    def _own_rng(self, i: int, full: bool = False):
-        """Member i's RNG streams while acting for it (what its checkpoints and replay bundles record).
-        `full`: python's and numpy's too (checkpoints); otherwise torch's alone (microseconds)."""
-        state = self.rngs[i]
-        set_rng_state(state if full else {k: v for k, v in state.items() if k in ("torch", "cuda")})
+    def _own_rng(self, i: int):
+        """Member i's torch RNG streams while acting for it (what its replay bundles record; a step never
+        draws from python's or numpy's, which its checkpoints take from `_member_rng`). Microseconds."""
+        set_rng_state({k: v for k, v in self.rngs[i].items() if k in ("torch", "cuda")})
         try:
             yield
         finally:
-            self.rngs[i] = rng_state() if full else {**state, **torch_rng_state()}
+            self.rngs[i] = {**self.rngs[i], **torch_rng_state()}
+
+    def _member_rng(self, trainer: Trainer) -> dict:
+        """A member's every RNG state, for its checkpoint: called while its torch streams are in place."""
+        return {**self.rngs[self.members.index(trainer)], **torch_rng_state()}
 
     def step(self) -> list:
         """One optimizer step of every member; each member's result as its train_step returns it."""
@@ -208,7 +213,7 @@ class Ensemble:
                     results = self.step()
                     done = []
                     for i, (trainer, result) in enumerate(zip(self.members, results)):
-                        with self._own_rng(i, full=True):
+                        with self._own_rng(i):
                             if trainer.after_step(result) or not trainer.running():
                                 done.append(i)
                     bar.update(1)
@@ -224,7 +229,7 @@ class Ensemble:
             return
         for i in done:
             trainer = self.members[i]
-            with self._own_rng(i, full=True):
+            with self._own_rng(i):
                 trainer.flush_pending()
                 trainer._bar.close()
                 trainer.end_fit()

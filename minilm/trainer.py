@@ -147,6 +147,7 @@ class Trainer:
         self.tracker: Tracker | None = None
         self.summary: dict | None = None
         self.show_progress, self.log_prefix = True, ""  # an ensemble shows one bar, and names its members
+        self.rng_snapshot = rng_state  # every RNG's state, as checkpoints record it (an ensemble member: its own)
         self._in_flight: dict | None = None  # the step between begin_step and finish_step
         seed_everything(cfg.seed + self.rank)  # per-rank stream for dropout and sampling
 
@@ -242,10 +243,10 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        rngs = [rng_state()]
+        rngs = [self.rng_snapshot()]
         if self.world_size > 1:
             rngs = [None] * self.world_size
-            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(rngs, self.rng_snapshot())
         return {
             "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.state_dict(), "sampler": self.sampler.state_dict(), "rng": rngs,

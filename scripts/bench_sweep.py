@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="sequential / batched pairs; medians are kept")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", type=Path, help="keep the multirun dirs here (default: a temporary dir)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may come before and after the options
 
     overrides = [*(args.overrides or DEFAULT), f"train.max_steps={args.steps}", "logger=none"]
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_sweep-"))

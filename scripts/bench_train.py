@@ -67,6 +67,7 @@ def measured_matmul_flops(device: torch.device, n: int = 8192, reps: int = 10) -
 def start_framework(trainer: Trainer, warmup: int) -> float:
     """Train the first `warmup` steps through Trainer.fit; returns the first step's seconds (compilation
     included). The trainer is then ready for `framework_steps`."""
+    trainer.show_progress = False  # the benchmark prints its own lines
     start = time.perf_counter()
     trainer.fit(until_step=1)
     sync(trainer.device)
@@ -154,13 +155,16 @@ def main() -> None:
     args = parser.parse_args()
     cap_onednn_isa_if_amx_is_broken()
 
-    # room for the bare loop's warmup too, and for a timed block past --steps when it is not a multiple of one
+    # room for the bare loop's warmup too, and past the timed steps: no end-of-run evaluation or checkpoint in them
     overrides = [*args.overrides, f"train.max_steps={2 * args.warmup + args.steps + 100}", "train.sample_tokens=0"]
     if not any(o.startswith("logger") for o in args.overrides):
         overrides.append("logger=none")
     cfg = compose(overrides)
     cfg_off = compose([*overrides, "diagnostics=off"]) if args.diagnostics_cost else None
     times = {"framework": [], "bare": [], "off": []}
+    # blocks of one flush window (fewer steps when --steps is smaller); the timed steps are whole blocks
+    block = max(1, min(cfg.train.log_interval, args.steps))
+    timed_steps = block * max(1, args.steps // block)
     measured = {}  # matmul rate, first run's compile figures, peak memory
     clear_compile_counts()
 
@@ -171,23 +175,23 @@ def main() -> None:
         out = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"cpu ({torch.get_num_threads()} threads)",
-            "overrides": args.overrides, "steps": args.steps, "repeats": len(times["framework"]),
+            "overrides": args.overrides, "steps": timed_steps, "repeats": len(times["framework"]),
             "tokens_per_step": tokens_per_step,
             "config": {"norm": cfg.norm.kind, "precision": cfg.precision.name, "compile": bool(t.compile),
                        "d_model": cfg.model.d_model, "n_layer": cfg.model.n_layer, "block_size": cfg.model.block_size,
                        "batch_size": t.batch_size},
             "n_params": trainer.model.num_params(),
-            "tokens_per_s": tokens_per_step * args.steps / framework_s,
-            "step_time_ms": 1000 * framework_s / args.steps,
-            "bare_tokens_per_s": tokens_per_step * args.steps / bare_s,
-            "bare_step_time_ms": 1000 * bare_s / args.steps,
+            "tokens_per_s": tokens_per_step * timed_steps / framework_s,
+            "step_time_ms": 1000 * framework_s / timed_steps,
+            "bare_tokens_per_s": tokens_per_step * timed_steps / bare_s,
+            "bare_step_time_ms": 1000 * bare_s / timed_steps,
             "framework_overhead": framework_s / bare_s - 1,
             "peak_memory_mb": measured["peak_memory_mb"],
             "first_step_s": measured["first_step_s"], "compile": measured["compile"],
         }
         if times["off"]:
             off_s = min(times["off"])
-            out["diagnostics_off_step_time_ms"] = 1000 * off_s / args.steps
+            out["diagnostics_off_step_time_ms"] = 1000 * off_s / timed_steps
             out["diagnostics_overhead"] = framework_s / off_s - 1
             out["framework_overhead_without_diagnostics"] = off_s / bare_s - 1
         if "matmul_flops" in measured:
@@ -221,7 +225,7 @@ def main() -> None:
             bare = bare_loop(trainer)
             bare(args.warmup)
             runners["bare"] = bare
-            seconds = alternate(runners, args.steps, cfg.train.log_interval, device)
+            seconds = alternate(runners, timed_steps, block, device)
             for name, value in seconds.items():
                 times[name].append(value)
             measured["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 \

@@ -96,6 +96,21 @@ def test_bf16_members_track_their_runs_alone(tmp_path):
         assert len(member) == 3 and member == pytest.approx(alone, rel=BF16_MEMBER_RTOL)
 
 
+@pytest.mark.slow
+def test_each_member_logs_to_its_own_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    arms = [["logger=wandb", "logger.mode=offline", "seed=0", "train.max_steps=2"],
+            ["logger=wandb", "logger.mode=offline", "seed=1", "train.max_steps=2"]]
+    jobs = [MemberJob(compose(with_tiny([*COMMON[:2], *arm])), tmp_path / f"member{i}", arm)
+            for i, arm in enumerate(arms)]
+    train_ensemble(jobs)
+    ids = [json.loads((tmp_path / f"member{i}" / "environment.json").read_text())["wandb_run_id"] for i in range(2)]
+    assert ids[0] and ids[1] and ids[0] != ids[1]
+    for i, run_id in enumerate(ids):
+        runs = list((tmp_path / f"member{i}" / "wandb").glob(f"offline-run-*-{run_id}"))
+        assert len(runs) == 1 and (runs[0] / f"run-{run_id}.wandb").stat().st_size > 0
+
+
 def step_results(trainer: Trainer, result) -> tuple[float, float]:
     loss, grad_norm = result
     return loss.item(), grad_norm.item()
@@ -161,6 +176,10 @@ def test_a_member_checkpoint_resumes_in_a_run_alone(tmp_path):
     resumed = alone.fit()  # at max_steps already: evaluates the member's weights
     alone.close()
     assert resumed["val/loss"] == summaries[1]["val/loss"]
+    # its RNG streams are its own, as the run alone records them (not another member's)
+    run_alone(arms[1], tmp_path / "solo")
+    solo = checkpoint.load(tmp_path / "solo" / "checkpoints" / checkpoint.LAST)["rng"][0]
+    assert torch.equal(state["rng"][0]["torch"], solo["torch"]) and state["rng"][0]["python"] == solo["python"]
 
 
 def train_py(args: list[str], sweep_dir, **env) -> subprocess.CompletedProcess:
