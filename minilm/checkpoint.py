@@ -40,8 +40,27 @@ def _fsync_dir(directory: Path) -> None:
         os.close(dir_fd)
 
 
+def own_storage(state, copies: dict | None = None):
+    """`state` with every tensor that is a view into a larger storage replaced by a copy of itself.
+
+    torch.save writes a tensor's whole storage: a view into stacked parameters (an ensemble member's
+    weights, minilm/ensemble.py) would otherwise carry every member's weights into one member's file.
+    Tensors that own their storage are kept as they are (tied weights stay one tensor)."""
+    copies = {} if copies is None else copies
+    if isinstance(state, torch.Tensor):
+        if state.untyped_storage().nbytes() <= state.numel() * state.element_size():
+            return state
+        return copies.setdefault(id(state), state.detach().clone())
+    if isinstance(state, dict):
+        return {key: own_storage(value, copies) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(own_storage(value, copies) for value in state)
+    return state
+
+
 def save_atomic(state: dict, path: Path, keep_previous: bool = False) -> None:
     """Write `state` to `path` atomically; with keep_previous, the file it replaces becomes previous.pt."""
+    state = own_storage(state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -11,6 +11,7 @@ exits with the code of the most severe outcome (minilm/errors.py).
 import itertools
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -246,24 +247,50 @@ def record_outcome(diverged: bool) -> None:
         _exit_code = EXIT_DIVERGED
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
-def _hydra_main(cfg) -> float:
-    from minilm.trainer import train
-
-    hydra_cfg = HydraConfig.get()
+@contextmanager
+def input_errors():
+    """An input error (MinilmError) raised inside ends the process with its one line and EXIT_INPUT_ERROR."""
     try:
-        summary = train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task),
-                        choices=dict(hydra_cfg.runtime.choices))
+        yield
     except MinilmError as error:
         if os.environ.get("MINILM_TRACEBACK"):
             raise
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_INPUT_ERROR) from None
+
+
+def job_result(summary: dict) -> float:
+    """What a finished job gives Hydra: its final val loss (what sweepers such as Optuna minimize). An
+    interrupted job stops the sweep (exit 75: rerunning it resumes); a diverged one sets the exit code."""
     if summary["outcome"] == "interrupted":
-        raise SystemExit(EXIT_INTERRUPTED)  # a sweep stops at the interrupted job; rerunning it resumes
+        raise SystemExit(EXIT_INTERRUPTED)
     record_outcome(bool(summary.get("diverged")))
     val_loss = summary.get("val/loss")
-    return val_loss if val_loss is not None else float("inf")  # what Hydra's sweepers (Optuna) minimize
+    return val_loss if val_loss is not None else float("inf")
+
+
+def share_cores(hydra_cfg) -> None:
+    """Under a launcher that runs n_jobs jobs at once in this machine's processes (hydra/launcher=parallel,
+    joblib), each job takes its share of the cores: n_jobs processes with every core's thread each would
+    oversubscribe them."""
+    launcher = OmegaConf.select(hydra_cfg, "launcher", default=None) or {}
+    n_jobs = launcher.get("n_jobs") if "joblib" in str(launcher.get("_target_", "")).lower() else None
+    if n_jobs and n_jobs > 0:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
+def _hydra_main(cfg) -> float:
+    from minilm.trainer import train
+
+    hydra_cfg = HydraConfig.get()
+    share_cores(hydra_cfg)
+    with input_errors():
+        summary = train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task),
+                        choices=dict(hydra_cfg.runtime.choices))
+    return job_result(summary)
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ DataSource = choices("DataSource", "pystdlib", "text", "hf")
 DecodeErrors = choices("DecodeErrors", "replace", "strict")
 LoggerBackend = choices("LoggerBackend", "wandb", "none")
 WandbMode = choices("WandbMode", "auto", "online", "offline", "disabled")
+CompileMode = choices("CompileMode", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 # ---------------------------------------------------------------- range checks
@@ -207,6 +208,9 @@ class TrainConfig:
     compile: bool = False                              # torch.compile the model (Triton custom ops included)
     # or aot_eager: the same graph without code generation (fast to test)
     compile_backend: str = "inductor"
+    # torch.compile's mode (inductor): reduce-overhead replays the step's kernels as CUDA graphs, cutting the
+    # launch overhead that bounds a small model's step on a GPU; max-autotune also searches kernel configs
+    compile_mode: CompileMode = CompileMode.default
     stop_on_divergence: bool = True                    # stop at the step divergence is confirmed
     # the line: ln(vocab) + margin (the loss at init sits just above ln V)
     divergence_margin: float = knob(0.5, at_least(0), finite)
@@ -214,6 +218,12 @@ class TrainConfig:
     divergence_window: int = knob(50, at_least(1))
 
     def cross_check(self) -> None:
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"train.compile_mode={self.compile_mode} has no effect without train.compile=true; "
+                              f"add train.compile=true or drop train.compile_mode")
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            raise ConfigError(f"train.compile_mode={self.compile_mode} is a mode of the inductor backend, not of "
+                              f"train.compile_backend={self.compile_backend}; use train.compile_backend=inductor")
         if not self.compile:
             return
         import torch._dynamo  # imported only when compiling: it takes seconds
@@ -369,6 +379,9 @@ def check_runnable(cfg, device) -> None:
     reason = norm_unavailable_reason(str(cfg.norm.kind), device.type)
     if reason:
         raise ConfigError(f"norm={cfg.norm.kind} cannot run on {device}: {reason}")
+    if cfg.train.compile_mode == "reduce-overhead" and device.type != "cuda":
+        raise ConfigError(f"train.compile_mode=reduce-overhead replays CUDA graphs, which need a CUDA device, and "
+                          f"this run is on {device}; use train.compile_mode=default there")
     if cfg.precision.name == "fp8":
         from minilm.fp8 import fp8_unavailable_reason
 

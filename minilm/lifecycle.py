@@ -33,8 +33,8 @@ BOOKKEEPING_PREFIXES = ("logger.", "diagnostics.", "paths.", "study.")
 BOOKKEEPING_KEYS = {
     "train.log_interval", "train.eval_interval", "train.eval_batches", "train.ckpt_interval", "train.resume",
     "train.allow_config_change", "train.sample_tokens", "train.compile", "train.compile_backend",
-    "train.stop_on_divergence", "train.divergence_margin", "train.divergence_window", "device", "detect_anomaly",
-    "data.num_proc",
+    "train.compile_mode", "train.stop_on_divergence", "train.divergence_margin", "train.divergence_window", "device",
+    "detect_anomaly", "data.num_proc",
 }
 RUN_FILES = ("config.yaml", REVISIONS_FILE, "metrics.jsonl", "summary.json", "environment.json", "checkpoints",
              "forensics", "wandb")

@@ -167,6 +167,8 @@ class Tracker:
             group=logger_cfg.group or group, tags=list(logger_cfg.tags) + tags,
             config=config, dir=str(self.run_dir), id=run_id, resume="allow" if run_id else None,
             settings=wandb.Settings(console="off", init_timeout=30, silent=True),
+            # a run of its own even while another is active in this process (the members of an ensemble)
+            reinit="create_new",
         )
         try:
             self.wandb_run = wandb.init(mode=mode, **kwargs)

@@ -88,15 +88,26 @@ def lr_at(step: int, optim_cfg, max_steps: int) -> float:
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
+def compile_mode(cfg) -> str | None:
+    """torch.compile's mode for train.compile_mode (None: its default)."""
+    return None if cfg.train.compile_mode == "default" else str(cfg.train.compile_mode)
+
+
 def checkpoint_bytes(model: torch.nn.Module) -> int:
     """About how large one checkpoint is: the parameters plus AdamW's two moments, in fp32."""
     return sum(3 * p.numel() * 4 for p in model.parameters()) + (1 << 20)
 
 
 class Trainer:
-    def __init__(self, cfg, run_dir: Path, overrides: list[str] = (), choices: dict | None = None):
+    """One run. `data`: token data already prepared for this config's data section (an ensemble's members
+    share one); `environment`: extra entries for environment.json (e.g. the ensemble a member trained in)."""
+
+    def __init__(self, cfg, run_dir: Path, overrides: list[str] = (), choices: dict | None = None,
+                 data=None, environment: dict | None = None):
         validate(cfg)  # every config error surfaces before any work
         self.cfg, self.overrides, self.choices = cfg, list(overrides), choices or {}
+        # plain copies for what every step reads: an OmegaConf attribute read costs microseconds
+        self.train_cfg, self.optim_cfg = OmegaConf.to_object(cfg.train), OmegaConf.to_object(cfg.optim)
         self.device = resolve_device(cfg.device)
         check_runnable(cfg, self.device)
         set_deterministic(cfg.deterministic)  # before CUDA initializes
@@ -114,7 +125,7 @@ class Trainer:
                 log.info(f"train.resume=none: the earlier run's files in {self.run_dir} moved to {archived}")
 
         seed_everything(cfg.seed)  # identical model init on every rank
-        self.data = self._prepare_data()
+        self.data = data if data is not None else self._prepare_data()
         self.precision = Precision(OmegaConf.to_object(cfg.precision), self.device)
         self.model = build_model(cfg, self.data.vocab_size, self.precision)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.precision, cfg.seed)
@@ -140,12 +151,15 @@ class Trainer:
         self.val_loss = self.best_val_loss = None
         self.tracker: Tracker | None = None
         self.summary: dict | None = None
+        self.show_progress, self.log_prefix = True, ""  # an ensemble shows one bar, and names its members
+        self.rng_snapshot = rng_state  # every RNG's state, as checkpoints record it (an ensemble member: its own)
+        self._in_flight: dict | None = None  # the step between begin_step and finish_step
         seed_everything(cfg.seed + self.rank)  # per-rank stream for dropout and sampling
 
         resumed = self._resume()
         if self.is_main:
             self._check_free_space()
-            self._start_tracking(resumed)
+            self._start_tracking(resumed, environment or {})
 
     # ------------------------------------------------------------ setup
     def _init_distributed(self) -> tuple[int, int]:
@@ -175,7 +189,7 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=device_ids)
         if self.cfg.train.compile:
-            model = torch.compile(model, backend=self.cfg.train.compile_backend)
+            model = torch.compile(model, backend=self.cfg.train.compile_backend, mode=compile_mode(self.cfg))
         return model
 
     def _resume(self) -> dict | None:
@@ -214,7 +228,7 @@ class Trainer:
             raise RunDirError(f"the run dir {self.run_dir} has {free} bytes free and checkpoints need about {needed}; "
                               f"free some space or pass another hydra.run.dir")
 
-    def _start_tracking(self, resumed: dict | None) -> None:
+    def _start_tracking(self, resumed: dict | None, extra: dict) -> None:
         config = plain(self.cfg)
         if not (self.run_dir / "config.yaml").exists():
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
@@ -225,7 +239,7 @@ class Trainer:
         record = environment_record(self.device)
         record.update(data_fingerprint=self.data.fingerprint, token_cache=str(self.data.cache_dir),
                       wandb_run_id=self.tracker.wandb_id, n_params=self.model.num_params(),
-                      world_size=self.world_size, precision=self.precision.describe())
+                      world_size=self.world_size, precision=self.precision.describe(), **extra)
         if resumed and not resumed["in_place"]:
             record["resumed_from"] = {"checkpoint": resumed["path"], "step": resumed["step"]}
         (self.run_dir / "environment.json").write_text(json.dumps(record, indent=1))
@@ -234,10 +248,10 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        rngs = [rng_state()]
+        rngs = [self.rng_snapshot()]
         if self.world_size > 1:
             rngs = [None] * self.world_size
-            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(rngs, self.rng_snapshot())
         return {
             "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.state_dict(), "sampler": self.sampler.state_dict(), "rng": rngs,
@@ -273,8 +287,9 @@ class Trainer:
         return batch
 
     def set_lr(self, step: int) -> None:
+        lr = lr_at(step, self.optim_cfg, self.train_cfg.max_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, self.cfg.optim, self.cfg.train.max_steps)
+            group["lr"] = lr
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One optimizer step; returns (mean cross-entropy, pre-clip grad norm) as device tensors.
@@ -282,42 +297,59 @@ class Trainer:
         Returns None, leaving the state as the previous step left it, when the previous step turned out to
         confirm a divergence and the run stops there (train.stop_on_divergence).
         """
-        cfg = self.cfg
-        step = self.step + 1  # as logged
-        self.set_lr(self.step)
-        # what it takes to abandon this step, or to replay it (forensics)
-        snapshot = {"sampler": self.sampler.state_dict(), "rng": torch_rng_state()}
-        sampled = self.diagnostics.sampled(step)
-        self.forensics.begin_step(step, snapshot["rng"])
-        accum = cfg.train.grad_accum
+        self.begin_step()
+        accum = self.train_cfg.grad_accum
         ce_total = torch.zeros((), device=self.device)
         z_total = torch.zeros((), device=self.device)
-        anomaly = torch.autograd.detect_anomaly() if cfg.detect_anomaly else nullcontext()
+        anomaly = torch.autograd.detect_anomaly() if self.cfg.detect_anomaly else nullcontext()
         for micro in range(accum):
-            x, y = self.next_batch()
-            self.forensics.add_batch(x, y)
-            if sampled and micro == 0:
-                self.diagnostics.observe_forward(step, x)
-                if self.numerics:
-                    self.diagnostics.record(step, self.numerics.observe(x, y, self.precision.autocast,
-                                                                        self.precision.scale_loss))
+            x, y = self.micro_batch(micro)
             last = micro == accum - 1
             no_sync = self.train_model.no_sync() if self.world_size > 1 and not last else nullcontext()
             with no_sync, anomaly:
                 with self.precision.autocast():
                     logits = self.train_model(x)
-                parts = lm_loss(logits, y, cfg.optim.z_loss)
+                parts = lm_loss(logits, y, self.optim_cfg.z_loss)
                 self.precision.backward(parts.loss / accum)
             ce_total += parts.ce.detach()
             z_total += parts.z_term.detach()
+        return self.finish_step(ce_total, z_total)
+
+    # A step in three parts, so that an ensemble (minilm/ensemble.py) runs the forward and backward of all
+    # its members at once and everything around it through the same code as a run made alone.
+    def begin_step(self) -> None:
+        """Start a step: its learning rate, what it takes to abandon or replay it, whether it is sampled."""
+        step = self.step + 1  # as logged
+        self.set_lr(self.step)
+        snapshot = {"sampler": self.sampler.state_dict(), "rng": torch_rng_state()}
+        self._in_flight = {"step": step, "snapshot": snapshot, "sampled": self.diagnostics.sampled(step)}
+        self.forensics.begin_step(step, snapshot["rng"])
+
+    def micro_batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's next micro-batch, seen by forensics and, on a sampled step, by diagnostics."""
+        x, y = self.next_batch()
+        self.forensics.add_batch(x, y)
+        step = self._in_flight["step"]
+        if self._in_flight["sampled"] and micro == 0:
+            self.diagnostics.observe_forward(step, x)
+            if self.numerics:
+                self.diagnostics.record(step, self.numerics.observe(x, y, self.precision.autocast,
+                                                                    self.precision.scale_loss))
+        return x, y
+
+    def finish_step(self, ce_total: torch.Tensor, z_total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Once the step's gradients are in the parameters' .grad (summed losses over the micro-batches given):
+        settle the previous step, then unscale, clip and update; as train_step returns."""
+        cfg, in_flight = self.train_cfg, self._in_flight
+        step, sampled, accum = in_flight["step"], in_flight["sampled"], cfg.grad_accum
         # This step's work is queued; settle the previous step while the weights are still untouched.
         if self._settle_previous_step():
-            self._abandon_step(snapshot)
+            self._abandon_step(in_flight["snapshot"])
             return None
         self.precision.unscale_(self.optimizer)
         if sampled:
             self.diagnostics.observe_gradients(step)
-        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = self.precision.clip_grad_norm(list(self.model.parameters()), clip)
         self.precision.step(self.optimizer, grad_norm)
         if sampled:
@@ -330,8 +362,9 @@ class Trainer:
             mean_ce /= self.world_size
         self.forensics.end_step()
         self.scalars.record(step, mean_ce, grad_norm)
-        if cfg.optim.z_loss:
+        if self.optim_cfg.z_loss:
             self.diagnostics.record(step, {"train/z_loss": z_total / accum})
+        self._in_flight = None
         return mean_ce, grad_norm
 
     def _settle_previous_step(self) -> bool:
@@ -350,7 +383,7 @@ class Trainer:
         log.error(f"diverged at step {monitor.diverged_at}, confirmed at step {step}: train/loss={loss:.4g} "
                   f"(non-finite, or above {monitor.threshold:.3f} for train.divergence_window="
                   f"{monitor.window} steps)")
-        return bool(self.cfg.train.stop_on_divergence)
+        return self.train_cfg.stop_on_divergence
 
     def _abandon_step(self, snapshot: dict) -> None:
         """Undo a step whose update was not applied: the run stops at the previous step, as that step left it."""
@@ -379,13 +412,14 @@ class Trainer:
         rows = torch.stack([torch.stack(pair) for pair in pending]).tolist()
         diag_rows = self.diagnostics.collect()  # right after that sync: nothing left to wait for
         elapsed = time.perf_counter() - window_start
-        tokens = len(rows) * self.cfg.train.batch_size * self.cfg.train.grad_accum * self.cfg.model.block_size
-        clip = self.cfg.train.grad_clip
+        cfg = self.train_cfg
+        tokens = len(rows) * cfg.batch_size * cfg.grad_accum * self.cfg.model.block_size
+        clip = cfg.grad_clip
         diverged_at = self.divergence.diverged_at
         for i, (loss, grad_norm) in enumerate(rows):
             step = first_step + i + 1
             metrics = {"train/loss": loss, "optim/grad_norm": grad_norm,
-                       "optim/lr": lr_at(step - 1, self.cfg.optim, self.cfg.train.max_steps),
+                       "optim/lr": lr_at(step - 1, self.optim_cfg, cfg.max_steps),
                        "optim/clipped": int(clip > 0 and math.isfinite(grad_norm) and grad_norm > clip),
                        **diag_rows.get(step, {})}
             self.diagnostics.on_logged(metrics)
@@ -417,47 +451,68 @@ class Trainer:
         return flag
 
     def _diverged_stop(self) -> bool:
-        return self.divergence.diverged and bool(self.cfg.train.stop_on_divergence)
+        return self.divergence.diverged and self.train_cfg.stop_on_divergence
 
     def fit(self, until_step: int | None = None) -> dict:
         """Train to train.max_steps (or only to `until_step`: outcome "paused", nothing written at the pause)
         and return the run's summary."""
-        cfg = self.cfg.train
-        end = cfg.max_steps if until_step is None else min(until_step, cfg.max_steps)
-        self.model.train()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True,
-                   mininterval=1.0, desc="train")
-        pending, first_step, window_start = [], self.step, time.perf_counter()
-        outcome = "completed" if end == cfg.max_steps else "paused"
+        self.start_fit(until_step)
         logging.captureWarnings(True)  # warnings go through logging, so they print above the progress bar
         try:
             with self.signals, logging_redirect_tqdm():
-                while self.step < end and not self._diverged_stop():
-                    result = self.train_step()
-                    if result is not None:
-                        pending.append(result)
-                    ckpt_due = (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or self.step == cfg.max_steps
-                    stop = self._stop_requested()
-                    flush_due = self.step % cfg.log_interval == 0 or self.step == end or ckpt_due or stop
-                    if pending and (flush_due or result is None):
-                        self._flush(pending, first_step, window_start)
-                        bar.update(len(pending))
-                        bar.set_postfix(loss=f"{pending[-1][0].item():.3f}")
-                        pending, first_step, window_start = [], self.step, time.perf_counter()
-                    if result is None or self._diverged_stop():
+                while self.running():
+                    if self.after_step(self.train_step()):
                         break
-                    if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or self.step == cfg.max_steps:
-                        self._evaluate_and_log(bar)
-                    if ckpt_due or stop:
-                        self.save_checkpoint()
-                    if stop:
-                        outcome = "interrupted"
-                        break
-                if pending:
-                    self._flush(pending, first_step, window_start)
+                self.flush_pending()
         finally:
-            bar.close()
+            self._bar.close()
             logging.captureWarnings(False)
+        return self.end_fit()
+
+    # fit in parts, so that an ensemble steps its members together and ends each one as it finishes
+    def start_fit(self, until_step: int | None = None) -> None:
+        cfg = self.train_cfg
+        self._end = cfg.max_steps if until_step is None else min(until_step, cfg.max_steps)
+        self.model.train()
+        self._bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.is_main and self.show_progress),
+                         dynamic_ncols=True, mininterval=1.0, desc="train")
+        self._pending, self._first_step, self._window_start = [], self.step, time.perf_counter()
+        self._outcome = "completed" if self._end == cfg.max_steps else "paused"
+
+    def running(self) -> bool:
+        return self.step < self._end and not self._diverged_stop()
+
+    def after_step(self, result: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+        """A step's bookkeeping (flush, evaluate, checkpoint, stop signals); True when the run stops here."""
+        cfg = self.train_cfg
+        if result is not None:
+            self._pending.append(result)
+        ckpt_due = (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or self.step == cfg.max_steps
+        stop = self._stop_requested()
+        flush_due = self.step % cfg.log_interval == 0 or self.step == self._end or ckpt_due or stop
+        if self._pending and (flush_due or result is None):
+            pending = self._pending
+            self.flush_pending()
+            self._bar.update(len(pending))
+            self._bar.set_postfix(loss=f"{pending[-1][0].item():.3f}")
+        if result is None or self._diverged_stop():
+            return True
+        if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or self.step == cfg.max_steps:
+            self._evaluate_and_log(self._bar)
+        if ckpt_due or stop:
+            self.save_checkpoint()
+        if stop:
+            self._outcome = "interrupted"
+        return bool(stop)
+
+    def flush_pending(self) -> None:
+        if self._pending:
+            self._flush(self._pending, self._first_step, self._window_start)
+        self._pending, self._first_step, self._window_start = [], self.step, time.perf_counter()
+
+    def end_fit(self) -> dict:
+        """How the run ended, after its last step: the final evaluation and the summary."""
+        outcome = self._outcome
         if self._diverged_stop():
             outcome = "diverged"
         elif outcome == "completed" and self.val_loss is None:  # e.g. resumed from the final checkpoint
@@ -469,7 +524,7 @@ class Trainer:
         self.best_val_loss = min(self.val_loss, self.best_val_loss or math.inf)
         if self.tracker:
             self.tracker.log({"val/loss": self.val_loss}, self.step)
-        (bar.write if bar else log.info)(f"step {self.step}: val/loss {self.val_loss:.4f}")
+        (bar.write if bar else log.info)(f"{self.log_prefix}step {self.step}: val/loss {self.val_loss:.4f}")
 
     def _finish(self, outcome: str) -> dict:
         summary = {"outcome": outcome, "step": self.step, "max_steps": self.cfg.train.max_steps,

@@ -4,12 +4,14 @@
     python scripts/bench_train.py model=small precision=bf16 train.compile=true --steps 50
     python scripts/bench_train.py model=small precision=bf16 --diagnostics-cost   # diagnostics on vs off
 
-Runs the real Trainer (logging, diagnostics, checkpoint cadence as configured) and a bare loop over
-the same model, optimizer, precision and batches (forward, backward, step: nothing else),
-alternately `--repeats` times keeping the best of each, and prints tokens/s, step time, the
-framework's overhead over the bare loop, and on CUDA the peak memory and MFU. With
---diagnostics-cost each repeat also times the Trainer with diagnostics=off: the diagnostics' cost is on / off - 1,
-and the framework's overhead without them is off / bare - 1. With train.compile=true it counts
+Runs the real Trainer (each step exactly as Trainer.fit runs it: logging, diagnostics, forensics, evaluation
+and checkpoints at their intervals) and a bare loop over the same model, optimizer, precision, batches and
+math (forward, backward, clip, step: nothing else), in alternating blocks of train.log_interval steps (one
+flush window each), so that load from elsewhere on the machine falls on both alike; `--repeats` such
+measurements keep the best of each. Prints tokens/s, step time, the framework's overhead over the bare loop,
+and on CUDA the peak memory and MFU. With --diagnostics-cost a second Trainer with diagnostics=off takes
+its turn in every round: the diagnostics' cost is on / off - 1, and the framework's overhead without them
+is off / bare - 1. With train.compile=true it counts
 Dynamo's graph breaks and recompiles during the first Trainer run (the steps a user's run takes),
 and reports how long the first step took (mostly compilation).
 
@@ -24,6 +26,7 @@ import argparse
 import json
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -61,19 +64,23 @@ def measured_matmul_flops(device: torch.device, n: int = 8192, reps: int = 10) -
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def time_framework(trainer: Trainer, warmup: int, steps: int) -> tuple[float, float]:
-    """(seconds for `steps` steps of Trainer.fit after `warmup` steps, everything it does included;
-    seconds of the first step, compilation included)."""
+def start_framework(trainer: Trainer, warmup: int) -> float:
+    """Train the first `warmup` steps through Trainer.fit; returns the first step's seconds (compilation
+    included). The trainer is then ready for `framework_steps`."""
+    trainer.show_progress = False  # the benchmark prints its own lines
     start = time.perf_counter()
     trainer.fit(until_step=1)
     sync(trainer.device)
     first = time.perf_counter() - start
     trainer.fit(until_step=warmup)
-    sync(trainer.device)
-    start = time.perf_counter()
-    trainer.fit(until_step=warmup + steps)
-    sync(trainer.device)
-    return time.perf_counter() - start, first
+    trainer.start_fit()
+    return first
+
+
+def framework_steps(trainer: Trainer, n: int) -> None:
+    """n steps of exactly what Trainer.fit does per step (the step, flushes, evaluation, checkpoints)."""
+    for _ in range(n):
+        trainer.after_step(trainer.train_step())
 
 
 def compile_counts() -> dict:
@@ -94,26 +101,46 @@ def clear_compile_counts() -> None:
     clear_compilation_metrics()
 
 
-def time_bare_loop(trainer: Trainer, warmup: int, steps: int) -> float:
-    """The same model, optimizer, precision and batches with nothing else around them."""
+def bare_loop(trainer: Trainer):
+    """A function running n steps of the same model, optimizer, precision, batches and math (clipping
+    included, as nanoGPT clips) with nothing else around them: no metrics, divergence checks, forensics,
+    diagnostics or progress bar."""
     model = trainer.train_model
     optimizer = build_optimizer(trainer.model, trainer.cfg.optim, trainer.precision, trainer.cfg.seed)
-    precision, device = trainer.precision, trainer.device
-    for step in range(warmup + steps):
-        if step == warmup:
+    precision, train_cfg, step = trainer.precision, trainer.cfg.train, 0
+    clip = train_cfg.grad_clip if train_cfg.grad_clip > 0 else float("inf")
+
+    def steps(n: int) -> None:
+        nonlocal step
+        for _ in range(n):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, trainer.cfg.optim, train_cfg.max_steps)
+            for _ in range(train_cfg.grad_accum):
+                x, y = trainer.next_batch()
+                with precision.autocast():
+                    logits = model(x)
+                precision.backward(lm_loss(logits, y).loss / train_cfg.grad_accum)
+            precision.unscale_(optimizer)
+            precision.step(optimizer, precision.clip_grad_norm(list(trainer.model.parameters()), clip))
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+    return steps
+
+
+def alternate(runners: dict, steps: int, block: int, device: torch.device) -> dict[str, float]:
+    """Run each runner `block` steps at a time, in turn (the order rotating every round), until each ran
+    `steps`; the seconds of each. Load from elsewhere on the machine falls on all of them alike, and each
+    block is one flush window."""
+    seconds, names = dict.fromkeys(runners, 0.0), list(runners)
+    for round_ in range(max(1, steps // block)):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # each runner leads in turn
+            run = runners[name]
             sync(device)
             start = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, trainer.cfg.optim, trainer.cfg.train.max_steps)
-        for _ in range(trainer.cfg.train.grad_accum):
-            x, y = trainer.next_batch()
-            with precision.autocast():
-                logits = model(x)
-            precision.backward(lm_loss(logits, y).loss / trainer.cfg.train.grad_accum)
-        precision.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-    sync(device)
-    return time.perf_counter() - start
+            run(block)
+            sync(device)
+            seconds[name] += time.perf_counter() - start
+    return seconds
 
 
 def main() -> None:
@@ -128,12 +155,16 @@ def main() -> None:
     args = parser.parse_args()
     cap_onednn_isa_if_amx_is_broken()
 
-    overrides = [*args.overrides, f"train.max_steps={args.warmup + args.steps}", "train.sample_tokens=0"]
+    # room for the bare loop's warmup too, and past the timed steps: no end-of-run evaluation or checkpoint in them
+    overrides = [*args.overrides, f"train.max_steps={2 * args.warmup + args.steps + 100}", "train.sample_tokens=0"]
     if not any(o.startswith("logger") for o in args.overrides):
         overrides.append("logger=none")
     cfg = compose(overrides)
     cfg_off = compose([*overrides, "diagnostics=off"]) if args.diagnostics_cost else None
     times = {"framework": [], "bare": [], "off": []}
+    # blocks of one flush window (fewer steps when --steps is smaller); the timed steps are whole blocks
+    block = max(1, min(cfg.train.log_interval, args.steps))
+    timed_steps = block * max(1, args.steps // block)
     measured = {}  # matmul rate, first run's compile figures, peak memory
     clear_compile_counts()
 
@@ -144,23 +175,23 @@ def main() -> None:
         out = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"cpu ({torch.get_num_threads()} threads)",
-            "overrides": args.overrides, "steps": args.steps, "repeats": len(times["framework"]),
+            "overrides": args.overrides, "steps": timed_steps, "repeats": len(times["framework"]),
             "tokens_per_step": tokens_per_step,
             "config": {"norm": cfg.norm.kind, "precision": cfg.precision.name, "compile": bool(t.compile),
                        "d_model": cfg.model.d_model, "n_layer": cfg.model.n_layer, "block_size": cfg.model.block_size,
                        "batch_size": t.batch_size},
             "n_params": trainer.model.num_params(),
-            "tokens_per_s": tokens_per_step * args.steps / framework_s,
-            "step_time_ms": 1000 * framework_s / args.steps,
-            "bare_tokens_per_s": tokens_per_step * args.steps / bare_s,
-            "bare_step_time_ms": 1000 * bare_s / args.steps,
+            "tokens_per_s": tokens_per_step * timed_steps / framework_s,
+            "step_time_ms": 1000 * framework_s / timed_steps,
+            "bare_tokens_per_s": tokens_per_step * timed_steps / bare_s,
+            "bare_step_time_ms": 1000 * bare_s / timed_steps,
             "framework_overhead": framework_s / bare_s - 1,
             "peak_memory_mb": measured["peak_memory_mb"],
             "first_step_s": measured["first_step_s"], "compile": measured["compile"],
         }
         if times["off"]:
             off_s = min(times["off"])
-            out["diagnostics_off_step_time_ms"] = 1000 * off_s / args.steps
+            out["diagnostics_off_step_time_ms"] = 1000 * off_s / timed_steps
             out["diagnostics_overhead"] = framework_s / off_s - 1
             out["framework_overhead_without_diagnostics"] = off_s / bare_s - 1
         if "matmul_flops" in measured:
@@ -175,29 +206,34 @@ def main() -> None:
             args.json.write_text(json.dumps(result(), indent=1))
         print(f"after {stage}: {one_line(result())}", flush=True)
 
-    for repeat in range(args.repeats):  # alternate them, keep each one's best: machine noise only adds time
-        with tempfile.TemporaryDirectory() as run_dir:
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory() as run_dir, tempfile.TemporaryDirectory() as off_dir:
             trainer = Trainer(cfg, Path(run_dir))
             device = trainer.device
             if device.type == "cuda" and "matmul_flops" not in measured:
                 measured["matmul_flops"] = measured_matmul_flops(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds, first_step_s = time_framework(trainer, args.warmup, args.steps)
-            times["framework"].append(seconds)
+            first_step_s = start_framework(trainer, args.warmup)
             if repeat == 0:
                 measured.update(first_step_s=first_step_s, compile=compile_counts() if cfg.train.compile else None)
+            runners = {"framework": partial(framework_steps, trainer)}
+            if cfg_off is not None:
+                trainer_off = Trainer(cfg_off, Path(off_dir))
+                start_framework(trainer_off, args.warmup)
+                runners["off"] = partial(framework_steps, trainer_off)
+            bare = bare_loop(trainer)
+            bare(args.warmup)
+            runners["bare"] = bare
+            seconds = alternate(runners, timed_steps, block, device)
+            for name, value in seconds.items():
+                times[name].append(value)
             measured["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 \
                 if device.type == "cuda" else None
-            times["bare"].append(time_bare_loop(trainer, args.warmup, args.steps))
             trainer.close()
-        save(f"repeat {repeat + 1}")
-        if cfg_off is not None:
-            with tempfile.TemporaryDirectory() as run_dir:
-                trainer_off = Trainer(cfg_off, Path(run_dir))
-                times["off"].append(time_framework(trainer_off, args.warmup, args.steps)[0])
+            if cfg_off is not None:
                 trainer_off.close()
-            save(f"repeat {repeat + 1} with diagnostics=off")
+        save(f"repeat {repeat + 1}")
 
     final = result()
     for key, value in final.items():

@@ -6,6 +6,7 @@
 #                                         # device image lacks -> .whl/ (the run must carry: [".whl"])
 #   bash scripts/gpu_check.sh 1           # on the GPU: correctness, norm bandwidth, precision paths
 #   bash scripts/gpu_check.sh 2           # on the GPU, right after part 1: training throughput
+#   bash scripts/gpu_check.sh 3           # on the GPU, in a window of its own: sweep throughput, CUDA graphs
 #   bash scripts/gpu_check.sh --dry-run   # anywhere, no GPU: every section at toy sizes (CI runs it)
 #
 # Part N writes into $OUT/partN/ ($OUT is the device tool's result folder; ./gpu-results without it),
@@ -178,6 +179,42 @@ part2() {
     train_config "eager fp8" 25 norm=layernorm precision=fp8 "${short[@]}"  # against eager bf16 just above
 }
 
+# Part 3: sweep throughput (minilm/ensemble.py) and CUDA graphs for a small model (train.compile_mode).
+# Caps: the lr_qknorm study at size=tiny, 14 runs of 30 steps, in turn then as 2 batched ensembles: 80 s
+# (in turn ~14 x 3 s of start-up, evaluation and sample per run); model=tiny compiled with inductor's default
+# mode, then with reduce-overhead (CUDA graphs): 40 s each (~20 s compilation, 100 steps); optional, with what
+# is left: 3 runs of lr_qknorm's grid at model=small, in turn then as one ensemble. The part ends within 420 s:
+# run it in a window of its own (with start-up, parts 1 and 2 leave too little of one window).
+# sweep_config NAME FILE CAP ARGS...: bench_sweep.py ARGS, its JSON in $PART_DIR/sweep_FILE.json
+sweep_config() {
+    local name=$1 file=$2 cap=$3
+    shift 3
+    section "sweep: $name" "$cap" "$PART_DIR/sweep.log" \
+        "$PY" scripts/bench_sweep.py "$@" --json "$PART_DIR/sweep_$file.json"
+}
+
+part3() {
+    local tiny=(size=tiny) steps=(--steps 30) small=(model=small) small_steps=(--steps 10)
+    local train=(model=tiny --warmup 10 --steps 100 --repeats 1)
+    if [ "$DRY_RUN" = 1 ]; then  # toy sizes; CUDA graphs need CUDA: the dry run times the default mode twice
+        tiny=(size=test) steps=(--steps 2) small=(size=test) small_steps=(--steps 2)
+        train=(model=tiny model.n_layer=1 model.d_model=32 model.n_head=2 model.block_size=32 train.batch_size=4
+            train.eval_batches=1 data.max_files=40 data.vocab_size=512 train.compile_backend=aot_eager
+            --warmup 1 --steps 2 --repeats 1)
+    fi
+    sweep_config "lr_qknorm tiny" tiny 80 experiment=lr_qknorm "${tiny[@]}" "${steps[@]}"
+    local graphs=train.compile_mode=reduce-overhead
+    [ "$DRY_RUN" = 1 ] && graphs=train.compile_mode=default
+    section "training: tiny compiled" 40 "$PART_DIR/train.log" \
+        "$PY" scripts/bench_train.py train.compile=true "${train[@]}" --json "$PART_DIR/train_tiny_compiled.json"
+    section "training: tiny CUDA graphs" 40 "$PART_DIR/train.log" "$PY" scripts/bench_train.py train.compile=true \
+        "$graphs" "${train[@]}" --json "$PART_DIR/train_tiny_cuda_graphs.json"
+    OPTIONAL=1
+    sweep_config "lr_qknorm small, 3 runs (optional)" small 200 experiment=lr_qknorm "${small[@]}" \
+        "${small_steps[@]}" optim.lr=1e-4,1e-3,1e-2 model.qk_norm=true
+    OPTIONAL=0
+}
+
 run_part() {
     PART=$1 PART_S=$2
     PART_DIR="$OUT_ROOT/part$PART"
@@ -202,6 +239,7 @@ case "$MODE" in
     --fetch) fetch ;;
     1) DRY_RUN=0; run_part 1 330 ;;
     2) DRY_RUN=0; run_part 2 240 ;;
+    3) DRY_RUN=0; run_part 3 420 ;;
     --dry-run)
         # CPU only, kernels through Triton's interpreter; generous deadlines (a slow CI machine is not a
         # failure). The parts run side by side, since most sections use one core and start-up (imports)
@@ -210,15 +248,18 @@ case "$MODE" in
         export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
         DRY_RUN=1
         part2_lines=$(mktemp)
-        (MINILM_CACHE="$MINILM_CACHE/dry-run-part2" run_part 2 600) >"$part2_lines" 2>&1 &
+        # Part 3 follows part 2 in the same background job (one token cache).
+        (MINILM_CACHE="$MINILM_CACHE/dry-run-part2" run_part 2 600; echo "rc2=$?"
+         MINILM_CACHE="$MINILM_CACHE/dry-run-part2" run_part 3 600; echo "rc3=$?") >"$part2_lines" 2>&1 &
         part2=$!
         run_part 1 600
         first=$?
         wait $part2
-        second=$?
-        cat "$part2_lines" && rm -f "$part2_lines"
+        second=$(sed -n 's/^rc2=//p' "$part2_lines") third=$(sed -n 's/^rc3=//p' "$part2_lines")
+        grep -v '^rc[23]=' "$part2_lines" && rm -f "$part2_lines"
         echo "SUMMARY dry run: part 1 $([ $first = 0 ] && echo passed || echo FAILED)," \
-            "part 2 $([ $second = 0 ] && echo passed || echo FAILED)"
-        ((first + second == 0)) ;;
-    *) echo "usage: bash scripts/gpu_check.sh --fetch | 1 | 2 | --dry-run  (see the comment at its top)"; exit 2 ;;
+            "part 2 $([ "$second" = 0 ] && echo passed || echo FAILED)," \
+            "part 3 $([ "$third" = 0 ] && echo passed || echo FAILED)"
+        ((first + second + third == 0)) ;;
+    *) echo "usage: bash scripts/gpu_check.sh --fetch | 1 | 2 | 3 | --dry-run  (see the comment at its top)"; exit 2 ;;
 esac

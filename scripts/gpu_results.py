@@ -1,13 +1,14 @@
 """Turn the GPU check's results into benchmarks/h200/<date>/: the raw JSON and one Markdown page.
 
-    python3 scripts/gpu_results.py gpu-results                # RESULTS/part1 and/or RESULTS/part2
+    python3 scripts/gpu_results.py gpu-results                # RESULTS/part1, part2 and/or part3
     python3 scripts/gpu_results.py /tmp/dry --out /tmp/page   # a dry run's results (never under benchmarks/)
 
 Copies every part's JSON files and check.log, and writes README.md: date, device, driver and
 versions; each section's PASS / FAIL / SKIP line; every goal with its target, the measured figure
-and met / missed; then the norm-bandwidth tables, the training figures, the correctness sweep and
-the precision runs. Figures come from the JSON alone. A dry run's page says so at the top and
-judges no goal: CPU timings of interpreted kernels are not GPU figures.
+and met / missed; then the norm-bandwidth tables, sweep throughput, the training figures (CUDA graphs
+at model=tiny among them), the correctness sweep and the precision runs. Figures come from the JSON
+alone. A dry run's page says so at the top and judges no goal: CPU timings of interpreted kernels are
+not GPU figures.
 """
 
 import argparse
@@ -20,6 +21,11 @@ from bench_norms import GOALS as NORM_GOALS
 from bench_norms import figure, markdown
 
 ROOT = Path(__file__).resolve().parent.parent
+PARTS = ("part1", "part2", "part3")
+SWEEP_GOALS = {  # part 3: (sweep JSON stem, what, target ratio of runs per hour, batched vs in turn)
+    "tiny": ("sweep: lr_qknorm, size=tiny, batched ensembles vs in turn, runs per hour", 10.0),
+    "small": ("sweep: 3 runs of lr_qknorm, model=small, batched ensemble vs in turn, runs per hour", 3.0),
+}
 TRAINING_GOALS = {  # (result key, target, larger is better)
     "mfu": ("MFU, small preset, bf16, torch.compile, torch LayerNorm", 0.45, True),
     "framework_overhead_without_diagnostics": ("framework overhead over a bare loop (same config, diagnostics off)",
@@ -62,7 +68,7 @@ def header(env: dict, dry_run: bool) -> list[str]:
 
 def section_lines(results: Path) -> list[str]:
     lines = ["## Sections", ""]
-    for part in ("part1", "part2"):
+    for part in PARTS:
         log = results / part / "check.log"
         if not log.exists():
             lines.append(f"- {part}: not run")
@@ -117,10 +123,10 @@ def goal_lines(norms: dict | None, trainings: dict, correctness: dict | None, pr
     return lines + [""]
 
 
-def training_lines(trainings: dict[str, dict]) -> list[str]:
+def training_lines(trainings: dict[str, dict], title: str = "Training throughput") -> list[str]:
     if not trainings:
-        return ["## Training throughput", "", "Not measured.", ""]
-    lines = ["## Training throughput", "",
+        return [f"## {title}", "", "Not measured.", ""]
+    lines = [f"## {title}", "",
              "| config | tokens/s | step ms | bare loop step ms | overhead | MFU | bf16 matmul TFLOP/s | peak MiB | "
              "first step s | graph breaks | recompiles | diagnostics |",
              "|---" * 12 + "|"]
@@ -172,8 +178,42 @@ def precision_lines(precision: dict | None) -> list[str]:
     return lines + ["", f"Overrides: `{' '.join(precision['overrides'])}`", ""]
 
 
+def sweep_goal_lines(sweeps: dict[str, dict], graphs: dict[str, dict], dry_run: bool) -> list[str]:
+    """Part 3's goals: sweep throughput ratios, and CUDA graphs against inductor's default mode."""
+    lines = []
+    for stem, (text, target) in SWEEP_GOALS.items():
+        ratio = (sweeps.get(stem) or {}).get("ratio")
+        measured = "(CPU dry run: no figure)" if dry_run else "" if ratio is None else f"{ratio:.1f}x"
+        met = "not judged (CPU dry run)" if dry_run else "not measured" if ratio is None else \
+            "met" if ratio >= target else "MISSED"
+        lines.append(f"| {text} | >= {target:g}x | {measured} | {met} |")
+    default, cuda_graphs = (graphs.get(k, {}).get("tokens_per_s") for k in ("tiny_compiled", "tiny_cuda_graphs"))
+    ratio = cuda_graphs / default if default and cuda_graphs else None
+    measured = "(CPU dry run: no figure)" if dry_run else "" if ratio is None else f"{ratio:.2f}x"
+    met = "not judged (CPU dry run)" if dry_run else "not measured" if ratio is None else \
+        "pays" if ratio > 1 else "does not pay"
+    lines.append(f"| training: model=tiny compiled, CUDA graphs (reduce-overhead) vs inductor's default mode, "
+                 f"tokens/s | > 1x where it pays | {measured} | {met} |")
+    return lines + [""]
+
+
+def sweep_lines(sweeps: dict[str, dict]) -> list[str]:
+    lines = ["## Sweep throughput", ""]
+    if not sweeps:
+        return lines + ["Not measured.", ""]
+    lines += ["| sweep | runs x steps | launcher | in turn s | batched s | runs per hour in turn | batched | ratio |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, r in sweeps.items():
+        way = r["launcher"]
+        seconds, per_hour = r["median_seconds"], r["runs_per_hour"]
+        lines.append(f"| {name}: `{' '.join(r['overrides'])}` | {r['runs']} x {r['steps']} | {way} | "
+                     f"{number(seconds['sequential'])} | {number(seconds[way])} | {number(per_hour['sequential'])} | "
+                     f"{number(per_hour[way])} | {r['ratio']:.2f}x |")
+    return lines + [""]
+
+
 def page(results: Path) -> tuple[str, dict]:
-    env = load(results / "part1" / "environment.json") or load(results / "part2" / "environment.json") or {}
+    env = next((e for e in (load(results / part / "environment.json") for part in PARTS) if e), {})
     dry_run = env.get("dry_run", True)
     norms = load(results / "part1" / "bench_norms.json")
     correctness = load(results / "part1" / "correctness.json")
@@ -181,25 +221,32 @@ def page(results: Path) -> tuple[str, dict]:
     trainings = {p.stem.removeprefix("train_"): load(p) for p in sorted((results / "part2").glob("train_*.json"))}
     trainings = {k: v for k, v in trainings.items() if v}
     lines = header(env, dry_run) + section_lines(results)
-    lines += goal_lines(norms, trainings, correctness, precision, dry_run)
+    lines += goal_lines(norms, trainings, correctness, precision, dry_run)[:-1]
+    sweeps = {p.stem.removeprefix("sweep_"): load(p) for p in sorted((results / "part3").glob("sweep_*.json"))}
+    sweeps = {k: v for k, v in sweeps.items() if v}
+    graphs = {p.stem.removeprefix("train_"): load(p) for p in sorted((results / "part3").glob("train_*.json"))}
+    graphs = {k: v for k, v in graphs.items() if v}
+    lines += sweep_goal_lines(sweeps, graphs, dry_run) + sweep_lines(sweeps)
     lines += ["## Norm bandwidth", "", markdown(norms) if norms else "Not measured.", ""]
-    lines += training_lines(trainings) + correctness_lines(correctness) + precision_lines(precision)
+    lines += training_lines(trainings) + training_lines(graphs, "CUDA graphs, model=tiny (part 3)")
+    lines += correctness_lines(correctness)
+    lines += precision_lines(precision)
     return "\n".join(lines), env
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="the folder holding part1/ and/or part2/")
+    parser.add_argument("results", type=Path, help="the folder holding part1/, part2/ and/or part3/")
     parser.add_argument("--out", type=Path, help="default: benchmarks/h200/<date of the run>")
     args = parser.parse_args()
-    if not any((args.results / part / "check.log").exists() for part in ("part1", "part2")):
-        sys.exit(f"{args.results} holds neither part1/check.log nor part2/check.log: pass the folder the GPU check "
+    if not any((args.results / part / "check.log").exists() for part in PARTS):
+        sys.exit(f"{args.results} holds no part1/, part2/ or part3/check.log: pass the folder the GPU check "
                  f"wrote (OUT of scripts/gpu_check.sh)")
     text, env = page(args.results)
     if env.get("dry_run", True) and args.out is None:
         sys.exit("these are dry-run (CPU) results, not GPU figures: pass --out to render them outside benchmarks/")
     out = args.out or ROOT / "benchmarks" / "h200" / env["date_utc"][:10]
-    for part in ("part1", "part2"):
+    for part in PARTS:
         for source in sorted((args.results / part).glob("*.json")) + sorted((args.results / part).glob("check.log")):
             (out / part).mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, out / part / source.name)

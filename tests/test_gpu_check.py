@@ -19,7 +19,8 @@ gpu_setup = load_script("gpu_setup")
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_SECTIONS = ["setup", "correctness", "collect-only gpu-marked tests", "bandwidth", "precision", "setup",
                      "training: compile layernorm", "training: compile triton_layernorm", "training: eager layernorm",
-                     "training: eager triton_layernorm"]
+                     "training: eager fp8", "setup", "sweep: lr_qknorm tiny", "training: tiny compiled",
+                     "training: tiny CUDA graphs"]
 MAX_FILES, MAX_FOLDERS = 8, 2  # what the device tool brings back from $OUT
 
 
@@ -41,9 +42,9 @@ def test_dry_run_passes_every_section_within_the_file_limits(tmp_path):
     required = [(status, name) for status, name in verdicts if not name.endswith("(optional)")]
     assert required == [("PASS", name) for name in REQUIRED_SECTIONS]
     assert all(status in ("PASS", "SKIP") for status, name in verdicts if name.endswith("(optional)"))
-    assert lines[-1] == "SUMMARY dry run: part 1 passed, part 2 passed"
+    assert lines[-1] == "SUMMARY dry run: part 1 passed, part 2 passed, part 3 passed"
 
-    for part in ("part1", "part2"):
+    for part in ("part1", "part2", "part3"):
         files = [p for p in (out / part).rglob("*") if p.is_file()]
         assert 0 < len(files) <= MAX_FILES, files
     for path in out.rglob("*"):
@@ -63,11 +64,17 @@ def test_dry_run_passes_every_section_within_the_file_limits(tmp_path):
     assert all(r["us"] > 0 for r in norms["results"] if r["impl"] in ("eager", "compile"))
     precision = json.loads((part1 / "precision.json").read_text())["results"]
     assert set(precision) == {"fp16", "bf16"} and all(r["ok"] for r in precision.values())
-    for name in ("compile_layernorm", "compile_triton_layernorm", "eager_layernorm", "eager_triton_layernorm"):
+    for name in ("compile_layernorm", "compile_triton_layernorm", "eager_layernorm", "eager_fp8"):
         training = json.loads((part2 / f"train_{name}.json").read_text())
         assert training["tokens_per_s"] > 0 and training["config"]["compile"] == name.startswith("compile")
         assert (training["compile"] is not None) == name.startswith("compile")
     assert "diagnostics_overhead" in json.loads((part2 / "train_compile_layernorm.json").read_text())
+    part3 = out / "part3"
+    for name in ("tiny", "small"):  # the small sweep is optional: it ran here, at toy size
+        sweep = json.loads((part3 / f"sweep_{name}.json").read_text())
+        assert sweep["launcher"] == "ensemble" and sweep["ratio"] > 0 and sweep["runs"] >= 2
+    for name in ("tiny_compiled", "tiny_cuda_graphs"):
+        assert json.loads((part3 / f"train_{name}.json").read_text())["config"]["compile"]
 
     # The results page of a dry run says what it is and never lands under benchmarks/ by default.
     refused = subprocess.run([sys.executable, "scripts/gpu_results.py", str(out)], cwd=ROOT, capture_output=True,
@@ -78,6 +85,7 @@ def test_dry_run_passes_every_section_within_the_file_limits(tmp_path):
     text = (page / "README.md").read_text()
     assert "**CPU dry run**" in text and "| met |" not in text and "MISSED" not in text
     assert (page / "part1" / "correctness.json").exists() and (page / "part2" / "check.log").exists()
+    assert (page / "part3" / "sweep_tiny.json").exists() and "## Sweep throughput" in text
 
 
 def test_a_real_part_without_wheels_stops_at_once_with_one_line(tmp_path):
@@ -154,7 +162,24 @@ def test_results_page_judges_each_goal_from_the_json(tmp_path):
     (part2 / "train_compile_layernorm.json").write_text(json.dumps(training))
     (part2 / "check.log").write_text("PASS training: compile layernorm (1 s): x\n")
 
+    part3 = tmp_path / "part3"
+    part3.mkdir()
+    sweep = dict(overrides=["experiment=lr_qknorm", "size=tiny"], launcher="ensemble", runs=14, steps=30, ratio=12.0,
+                 median_seconds={"sequential": 120.0, "ensemble": 10.0},
+                 runs_per_hour={"sequential": 420.0, "ensemble": 5040.0})
+    (part3 / "sweep_tiny.json").write_text(json.dumps(sweep))
+    (part3 / "sweep_small.json").write_text(json.dumps({**sweep, "ratio": 2.0}))
+    for name, tokens in (("tiny_compiled", 100.0), ("tiny_cuda_graphs", 150.0)):
+        (part3 / f"train_{name}.json").write_text(json.dumps(dict(config=dict(compile=True, norm="layernorm"),
+                                                                  tokens_per_s=tokens)))
+
     text, _ = gpu_results.page(tmp_path)
+    verdicts = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").rsplit(" | ", 1)[1]
+                for line in text.splitlines() if line.startswith(("| sweep:", "| training: model=tiny"))}
+    assert verdicts["sweep: lr_qknorm, size=tiny, batched ensembles vs in turn, runs per hour"] == "met"  # 12x
+    assert verdicts["sweep: 3 runs of lr_qknorm, model=small, batched ensemble vs in turn, runs per hour"] == "MISSED"
+    assert verdicts["training: model=tiny compiled, CUDA graphs (reduce-overhead) vs inductor's default mode, "
+                    "tokens/s"] == "pays"  # 1.5x
     goals = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").rsplit(" | ", 1)[1]
              for line in text.splitlines() if line.startswith("| norms:") or line.startswith("| training:")}
     assert goals["norms: bf16, N >= 1024: forward >= 85% of copy bandwidth"] == "met"  # 900 of 1000 GB/s

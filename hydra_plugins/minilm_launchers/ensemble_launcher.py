@@ -1,0 +1,149 @@
+"""hydra/launcher=ensemble: a multirun's jobs that share an architecture train as batched ensembles.
+
+    python train.py -m experiment=lr_qknorm size=tiny hydra/launcher=ensemble
+
+Hydra runs plugins only from the `hydra_plugins` package, so the launcher lives here; the work is in
+minilm/ensemble.py. Every job is composed first and grouped by `minilm.ensemble.ensemble_key` (what the
+batched forward and backward share); a group larger than memory allows (an estimate per member against
+the device's free memory, and hydra.launcher.max_members) is split. The plan is printed before anything
+starts. Each member gets its job dir, `.hydra/` files and Hydra callbacks exactly as a job run alone
+(Hydra's own `run_job` makes them), then the group trains as one `Ensemble`. Jobs that cannot be batched
+(minilm.ensemble.unbatchable_reason) and groups of one run alone, as with the basic launcher.
+"""
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+
+class EnsembleLauncher(Launcher):
+    def __init__(self, max_members: int | None = None, memory_fraction: float = 0.8) -> None:
+        if max_members is not None and max_members < 1:
+            raise ValueError(f"hydra.launcher.max_members={max_members} is not valid; it must be >= 1 or null")
+        if not 0 < memory_fraction <= 1:
+            raise ValueError(f"hydra.launcher.memory_fraction={memory_fraction} is not valid; it must be in (0, 1]")
+        self.max_members, self.memory_fraction = max_members, memory_fraction
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+        self.task_function: TaskFunction | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        configs = []
+        for idx, overrides in enumerate(job_overrides):
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(sweep_config):
+                sweep_config.hydra.job.id = sweep_config.hydra.job.num = initial_job_idx + idx
+            configs.append(sweep_config)
+        units = self.plan(configs, job_overrides, initial_job_idx)
+        runs: dict[int, JobReturn] = {}
+        for unit in units:
+            if len(unit) == 1:
+                runs[unit[0]] = self._run(configs[unit[0]], self.task_function)
+                configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+            else:
+                runs.update(zip(unit, self._run_ensemble([configs[i] for i in unit], f"#{initial_job_idx + unit[0]}")))
+        return [runs[i] for i in range(len(configs))]
+
+    def plan(self, configs: list[DictConfig], job_overrides, first: int) -> list[list[int]]:
+        """Group the jobs (indices into `configs`), split groups to fit memory, print the plan."""
+        import torch
+
+        from minilm.config import resolve_device
+        from minilm.ensemble import available_bytes, ensemble_key, member_bytes, split, unbatchable_reason
+
+        groups: dict[tuple, list[int]] = {}
+        alone: dict[int, str] = {}
+        for i, cfg in enumerate(configs):
+            task = task_config(cfg)
+            reason = unbatchable_reason(task)
+            if reason:
+                alone[i] = reason
+            else:
+                groups.setdefault(ensemble_key(task), []).append(i)
+        units: list[list[int]] = [[i] for i in alone]
+        lines = []
+        for members in groups.values():
+            task = task_config(configs[members[0]])
+            device = resolve_device(task.device)
+            each = member_bytes(task, task.data.vocab_size)
+            free = int(self.memory_fraction * available_bytes(device))
+            most = min(self.max_members or len(members), max(1, free // each))
+            chunks = split(members, most)
+            units += chunks
+            if len(chunks) > 1:
+                lines.append(f"  {len(members)} jobs split into {len(chunks)} ensembles: about {each / 2**20:.0f} MiB "
+                             f"per member, {free / 2**20:.0f} MiB to use on {device}"
+                             f"{f', hydra.launcher.max_members={self.max_members}' if self.max_members else ''}")
+        units.sort(key=lambda unit: unit[0])
+        n_ensembles = sum(len(unit) > 1 for unit in units)
+        log.info(f"Ensemble launcher: {len(configs)} jobs as {n_ensembles} batched ensemble(s) and "
+                 f"{len(units) - n_ensembles} run(s) alone")
+        for unit in units:
+            jobs = " | ".join(f"#{first + i} {' '.join(filter_overrides(job_overrides[i]))}" for i in unit)
+            kind = f"ensemble of {len(unit)}" if len(unit) > 1 else \
+                f"alone ({alone[unit[0]]})" if unit[0] in alone else "alone (no other job shares its architecture)"
+            log.info(f"\t{kind}: {jobs}")
+        for line in lines:
+            log.info(line)
+        del torch
+        return units
+
+    def _run(self, config: DictConfig, task_function) -> JobReturn:
+        return run_job(hydra_context=self.hydra_context, task_function=task_function, config=config,
+                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+
+    def _run_ensemble(self, configs: list[DictConfig], label: str) -> list[JobReturn]:
+        """Make each member's job dir through Hydra's run_job (its .hydra/ files, callbacks), then train them
+        as one ensemble; each JobReturn carries its member's result, as the job alone would."""
+        from minilm.cli import input_errors, job_result
+        from minilm.ensemble import MemberJob, train_ensemble
+
+        members: list[MemberJob] = []
+
+        def register(cfg: DictConfig) -> None:
+            hydra_cfg = HydraConfig.get()
+            members.append(MemberJob(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task),
+                                     dict(hydra_cfg.runtime.choices)))
+
+        returns = [self._run(config, register) for config in configs]
+        for ret in returns:
+            ret.return_value  # noqa: B018 - raises what registering the member raised
+        # every member's train.log gets the ensemble's log (run_job left the last member's file handler)
+        root, handlers = logging.getLogger(), []
+        file_handler = next((h for h in root.handlers if isinstance(h, logging.FileHandler)), None)
+        for member in members[:-1]:
+            if file_handler is not None:
+                handler = logging.FileHandler(member.run_dir / Path(file_handler.baseFilename).name)
+                handler.setFormatter(file_handler.formatter)
+                root.addHandler(handler)
+                handlers.append(handler)
+        try:
+            with input_errors():
+                summaries = train_ensemble(members, label=f"{label} ")
+        finally:
+            for handler in handlers:
+                root.removeHandler(handler)
+                handler.close()
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        for ret, summary in zip(returns, summaries):
+            ret.return_value = job_result(summary)
+        return returns
+
+
+def task_config(config: DictConfig) -> DictConfig:
+    """A job's config as its task function sees it: without the hydra node."""
+    return OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])

@@ -1,0 +1,281 @@
+"""Batched ensembles: runs that share an architecture train as one batched model.
+
+Runs that differ only in what is per run — seed, optimizer scalars (learning rate, weight decay, warmup,
+betas, z-loss weight), gradient clipping, divergence rule, diagnostics, cadences, logging — train together:
+their parameters are stacked along a leading member dimension and one forward and one backward
+(`torch.func.vmap` over `torch.func.functional_call` of the same `GPT`, so the model code is the one in
+model.py) serve all members. Everything else is each member's own `Trainer`, through the same code as a
+run made alone (trainer.py: `begin_step` / `micro_batch` / `finish_step`, `start_fit` / `after_step` /
+`end_fit`): its run dir, metrics.jsonl, checkpoints, W&B run, config and environment record, data order
+(its own sampler and seed), learning-rate schedule, optimizer (a fused AdamW of its own with its own
+scalars), gradient clipping, fp16 loss scaler (its own found-inf), diagnostics, forensics and divergence
+monitor. Each member's parameters are views into the stacked tensors, so its model, optimizer and
+checkpoint are exactly those of a solo run (a solo Trainer resumes a member's checkpoint, and
+`minilm-reproduce` repeats a member alone).
+
+A member that ends (completed, diverged, interrupted) leaves the batch: the others are restacked without
+it, so a diverged member is never computed again and cannot touch the others (their math is independent
+anyway: nothing in the batched step mixes members).
+
+Numerics. A member's init is the solo run's (the same seeding before the same model constructor). In the
+batched step the linears, attention, embeddings and loss compute bitwise what they compute alone (CPU,
+fp32); the norm layers' weight and bias gradients are reduced in another order by vmap's batching rule
+(about 1e-7 relative), so a member's losses equal the solo run's to a relative tolerance, not bitwise
+(tests/test_ensemble.py states and checks it); under bf16 autocast the batched matmuls round differently
+already in the forward (about 1e-5 relative). Dropout would draw other masks under vmap: runs with
+model.dropout > 0 are not batched (they run alone), and neither are the Triton norm kinds.
+"""
+
+import logging
+import math
+import os
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.func import functional_call, vmap
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from minilm.data import prepare_data
+from minilm.lifecycle import RunDir, StopSignals, plain
+from minilm.model import lm_loss
+from minilm.runs import flatten
+from minilm.seeding import rng_state, set_rng_state, torch_rng_state
+from minilm.trainer import Trainer, compile_mode
+
+log = logging.getLogger("minilm")
+
+# What the batched forward and backward share: members must agree on these, and may differ in anything else.
+SHARED_PREFIXES = ("model.", "norm.", "precision.", "data.")
+SHARED_KEYS = ("train.batch_size", "train.grad_accum", "train.compile", "train.compile_backend",
+               "train.compile_mode", "device", "deterministic", "detect_anomaly", "paths.cache_dir")
+BATCHED_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def unbatchable_reason(cfg) -> str | None:
+    """Why a run cannot train as an ensemble member (it then runs alone), or None."""
+    if cfg.model.dropout > 0:
+        return f"model.dropout={cfg.model.dropout} (vmap would draw other dropout masks than the run alone)"
+    if str(cfg.norm.kind).startswith("triton"):
+        return f"norm={cfg.norm.kind} (custom kernels have no batching rule)"
+    if str(cfg.precision.name) not in BATCHED_PRECISIONS:
+        return f"precision={cfg.precision.name}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "data-parallel (torchrun)"
+    return None
+
+
+def ensemble_key(cfg) -> tuple:
+    """Runs with equal keys can train as one ensemble."""
+    flat = flatten(plain(cfg), keep_lists=True)
+    return tuple(sorted((k, repr(v)) for k, v in flat.items() if k.startswith(SHARED_PREFIXES) or k in SHARED_KEYS))
+
+
+def member_bytes(cfg, vocab_size: int) -> int:
+    """An estimate of one member's memory: fp32 weights, gradients and AdamW's two moments, plus the
+    activations autograd keeps for one micro-batch (about 18 d_model values per token and layer, and
+    4 vocab-sized rows per token for the logits, their log-softmax and gradient)."""
+    m, t = cfg.model, cfg.train
+    d, layers = m.d_model, m.n_layer
+    params = layers * (4 + 2 * m.mlp_ratio) * d * d + vocab_size * d * (1 if m.tie_embeddings else 2) \
+        + m.block_size * d
+    tokens = t.batch_size * m.block_size
+    return 16 * params + 4 * tokens * (18 * layers * d + 4 * vocab_size)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for new tensors: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def split(indices: list[int], most: int) -> list[list[int]]:
+    """`indices` in consecutive chunks of at most `most`, as even as possible."""
+    chunks = math.ceil(len(indices) / max(1, most))
+    size, larger = divmod(len(indices), chunks)  # the first `larger` chunks take one more
+    bounds = [k * size + min(k, larger) for k in range(chunks + 1)]
+    return [indices[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+@dataclass
+class MemberJob:
+    """One run of an ensemble: what `trainer.train` takes for a run made alone."""
+
+    cfg: object
+    run_dir: Path
+    overrides: list[str] = field(default_factory=list)
+    choices: dict = field(default_factory=dict)
+
+
+class Ensemble:
+    """Member Trainers whose parameters are stacked, stepped together."""
+
+    def __init__(self, trainers: list[Trainer], rngs: list[dict]):
+        self.members, self.rngs = list(trainers), list(rngs)
+        first = trainers[0]
+        self.precision, self.accum, self.cfg = first.precision, first.cfg.train.grad_accum, first.cfg
+        self.signals = StopSignals()
+        for trainer in trainers:
+            trainer.signals = self.signals  # one Ctrl-C stops every member after the same step
+            trainer.rng_snapshot = partial(self._member_rng, trainer)
+        self._restack()
+        forward = vmap(self._member_forward)
+        if self.cfg.train.compile:
+            forward = torch.compile(forward, backend=self.cfg.train.compile_backend, mode=compile_mode(self.cfg))
+        self.forward = forward
+
+    def _member_forward(self, params: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.members[0].model, params, (x,))
+
+    def _restack(self) -> None:
+        """Stack the members' parameters, and make each member's parameters views into the stack."""
+        self.named = [list(trainer.model.named_parameters()) for trainer in self.members]  # tied weights once
+        self.params = {name: torch.stack([dict(named)[name].detach() for named in self.named]).requires_grad_()
+                       for name, _ in self.named[0]}
+        for i, named in enumerate(self.named):
+            for name, p in named:
+                p.data = self.params[name].detach()[i]
+
+    @contextmanager
+    def _own_rng(self, i: int):
+        """Member i's torch RNG streams while acting for it (what its replay bundles record; a step never
+        draws from python's or numpy's, which its checkpoints take from `_member_rng`). Microseconds."""
+        set_rng_state({k: v for k, v in self.rngs[i].items() if k in ("torch", "cuda")})
+        try:
+            yield
+        finally:
+            self.rngs[i] = {**self.rngs[i], **torch_rng_state()}
+
+    def _member_rng(self, trainer: Trainer) -> dict:
+        """A member's every RNG state, for its checkpoint: called while its torch streams are in place."""
+        return {**self.rngs[self.members.index(trainer)], **torch_rng_state()}
+
+    def step(self) -> list:
+        """One optimizer step of every member; each member's result as its train_step returns it."""
+        members, device = self.members, self.members[0].device
+        ce = [torch.zeros((), device=device) for _ in members]
+        z = [torch.zeros((), device=device) for _ in members]
+        for i, trainer in enumerate(members):
+            with self._own_rng(i):
+                trainer.begin_step()
+        anomaly = torch.autograd.detect_anomaly() if self.cfg.detect_anomaly else nullcontext()
+        for micro in range(self.accum):
+            batches = []
+            for i, trainer in enumerate(members):
+                with self._own_rng(i):
+                    batches.append(trainer.micro_batch(micro))
+            x, y = (torch.stack(parts) for parts in zip(*batches))
+            with anomaly:
+                with self.precision.autocast(), warnings.catch_warnings():
+                    # the CPU flash-attention kernel has no batching rule: vmap runs it per member (exactly)
+                    warnings.filterwarnings("ignore", message=".*batching rule.*")
+                    logits = self.forward(self.params, x)
+                scaled = []
+                for i, (trainer, member_logits, targets) in enumerate(zip(members, logits.unbind(0), y.unbind(0))):
+                    parts = lm_loss(member_logits, targets, trainer.optim_cfg.z_loss)
+                    scaled.append(trainer.precision.scale_loss(parts.loss / self.accum))  # as Precision.backward
+                    ce[i] += parts.ce.detach()
+                    z[i] += parts.z_term.detach()
+                torch.stack(scaled).sum().backward()  # each member's loss gets gradient 1, as alone
+        results = []
+        for i, (trainer, named) in enumerate(zip(members, self.named)):
+            for name, p in named:
+                p.grad = self.params[name].grad[i]
+            with self._own_rng(i):
+                results.append(trainer.finish_step(ce[i], z[i]))
+        for stacked in self.params.values():
+            stacked.grad = None
+        return results
+
+    def fit(self) -> None:
+        """Train every member to its end; each member's summary is in its `summary` (and its run dir)."""
+        for trainer in self.members:
+            trainer.start_fit()
+        done = [i for i, trainer in enumerate(self.members) if not trainer.running()]
+        self._end_members(done)
+        first = min((t.step for t in self.members), default=0)
+        bar = tqdm(total=max((t.cfg.train.max_steps for t in self.members), default=0), initial=first,
+                   dynamic_ncols=True, mininterval=1.0, desc=f"ensemble of {len(self.members)}")
+        logging.captureWarnings(True)
+        try:
+            with self.signals, logging_redirect_tqdm():
+                while self.members:
+                    results = self.step()
+                    done = []
+                    for i, (trainer, result) in enumerate(zip(self.members, results)):
+                        with self._own_rng(i):
+                            if trainer.after_step(result) or not trainer.running():
+                                done.append(i)
+                    bar.update(1)
+                    bar.set_postfix(members=len(self.members) - len(done))
+                    self._end_members(done)
+        finally:
+            bar.close()
+            logging.captureWarnings(False)
+
+    def _end_members(self, done: list[int]) -> None:
+        """End the members at `done` (summary, W&B finished) and restack the others without them."""
+        if not done:
+            return
+        for i in done:
+            trainer = self.members[i]
+            with self._own_rng(i):
+                trainer.flush_pending()
+                trainer._bar.close()
+                trainer.end_fit()
+            trainer.close()
+        self.members = [t for i, t in enumerate(self.members) if i not in done]
+        self.rngs = [r for i, r in enumerate(self.rngs) if i not in done]
+        if self.members:
+            self._restack()
+
+
+def train_ensemble(jobs: list[MemberJob], label: str = "") -> list[dict]:
+    """Train `jobs` (runs an ensemble can batch: equal `ensemble_key`) as one ensemble and return their
+    summaries, in order. A run that already finished in its run dir is not trained again, as with
+    trainer.train; every member is closed (W&B finished, closing line) whatever happens."""
+    summaries: list[dict | None] = [None] * len(jobs)
+    todo = []
+    for i, job in enumerate(jobs):
+        finished = RunDir(job.run_dir).finished_summary(job.cfg)
+        if finished is not None:
+            log.info(f"{job.run_dir} already finished (outcome {finished['outcome']} at step {finished['step']}); "
+                     f"not training it again")
+            summaries[i] = finished
+        else:
+            todo.append(i)
+    if not todo:
+        return summaries
+    first = jobs[todo[0]].cfg
+    data = prepare_data(first.data, first.paths.cache_dir, log=log.info)  # once for every member
+    trainers: list[Trainer] = []
+    run_dirs = [str(jobs[i].run_dir) for i in todo]
+    try:
+        rngs = []
+        for k, i in enumerate(todo):
+            job = jobs[i]
+            record = {"ensemble": {"members": len(todo), "member": k, "run_dirs": run_dirs}}
+            trainer = Trainer(job.cfg, job.run_dir, job.overrides, job.choices, data=data, environment=record)
+            trainer.show_progress, trainer.log_prefix = False, f"[{label}member {k}] "
+            trainers.append(trainer)
+            rngs.append(rng_state())  # the streams its seeding left, as a run alone has them after __init__
+        Ensemble(trainers, rngs).fit()
+    except BaseException as error:
+        for trainer in trainers:
+            if trainer.summary is None:
+                trainer.fail(error)
+                trainer.close()
+        raise
+    for i, trainer in zip(todo, trainers):
+        summaries[i] = trainer.summary
+    return summaries
