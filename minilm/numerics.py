@@ -8,9 +8,12 @@ with s = the format's smallest subnormal, n = its smallest normal, m = its large
                                        and 0 is the even neighbour)
     subnormal  s/2 < |x| < n - s/2     rounds to a subnormal (n - s/2 is a tie that goes to
                                        n, the even neighbour), so it keeps fewer significant bits
-    overflow   |x| > m, inf or nan     saturates (fp8 casts clamp) or becomes inf/nan (fp16).
-                                       fp16 values in (m, m + half an ulp) still round to m;
-                                       they are counted here all the same
+    overflow   |x| >= m + u/2,         rounds past the largest finite value: becomes inf (fp16, bf16)
+               inf or nan              or is clamped to m with more than rounding's error (fp8 casts
+                                       saturate); u is the spacing of the format's values at m. Values
+                                       in (m, m + u/2) round to m as any value rounds to its neighbour:
+                                       a dynamic fp8 scale maps a tensor's amax onto m, and fp32
+                                       rounding of x * scale may land it just above m
 
 each as a fraction of the tensor's nonzero elements (nan counts as nonzero), and the amax
 max|x| of the unscaled values (nan if any value is nan). Everything stays a device tensor: the
@@ -48,6 +51,7 @@ gradient, times their scales. bf16_pure has no cast: every tensor is natively bf
 underflows show only as zeros (not counted) and the subnormal fraction is what remains.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -68,7 +72,8 @@ def format_thresholds(dtype: torch.dtype) -> tuple[float, float, float]:
     """(underflow_max, subnormal_max, overflow_min) of `dtype`, as in the module docstring."""
     info = torch.finfo(dtype)
     smallest_subnormal = info.tiny * info.eps  # eps = 2^-mantissa_bits
-    return smallest_subnormal / 2, info.tiny - smallest_subnormal / 2, info.max
+    spacing_at_max = 2.0 ** math.floor(math.log2(info.max)) * info.eps
+    return smallest_subnormal / 2, info.tiny - smallest_subnormal / 2, info.max + spacing_at_max / 2
 
 
 def format_stats(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -81,7 +86,7 @@ def format_stats(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None
     zeros = torch.count_nonzero(magnitude == 0)
     rounds_to_zero = torch.count_nonzero(magnitude <= underflow_max)
     below_normal = torch.count_nonzero(magnitude < subnormal_max)
-    finite_in_range = torch.count_nonzero(magnitude <= overflow_min)  # nan compares false
+    finite_in_range = torch.count_nonzero(magnitude < overflow_min)  # nan compares false
     nonzero = (x.numel() - zeros).clamp(min=1).float()
     return {
         "underflow": (rounds_to_zero - zeros) / nonzero,

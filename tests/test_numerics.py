@@ -19,19 +19,22 @@ FP32_MAX = torch.finfo(torch.float32).max
 def planted(dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     """K underflows, K subnormals, K finite values beyond the max, K infinities, normal numbers and
     zeros, with random signs, shuffled. The thresholds' own values are planted too: s/2 (a tie
-    that rounds to 0) with the underflows, n - s/2 (a tie that rounds to n) with the normals."""
+    that rounds to 0) with the underflows, n - s/2 (a tie that rounds to n) with the normals, and
+    with the normals the largest finite value m and values between m and m + u/2 (they round to m);
+    m + u/2 itself with the values beyond."""
     generator = torch.Generator().manual_seed(seed)
     underflow_max, subnormal_max, overflow_min = format_thresholds(dtype)
-    tiny = torch.finfo(dtype).tiny
+    tiny, largest = torch.finfo(dtype).tiny, torch.finfo(dtype).max
 
     def uniform(low, high, n):
         return low + (high - low) * torch.rand(n, dtype=torch.float64, generator=generator)
 
     underflow = torch.cat([torch.tensor([underflow_max], dtype=torch.float64), uniform(0, underflow_max, K - 1)])
     subnormal = uniform(underflow_max * 1.01, subnormal_max * 0.99, K)
-    normal = torch.cat([torch.tensor([subnormal_max, tiny, overflow_min], dtype=torch.float64),
-                        torch.exp(uniform(math.log(tiny), math.log(overflow_min), N_NORMAL - 3))])
-    beyond = uniform(1.2, 2.0, K) * overflow_min
+    normal = torch.cat([torch.tensor([subnormal_max, tiny, largest], dtype=torch.float64),
+                        uniform(largest, overflow_min * (1 - 1e-6), 3),  # round to m
+                        torch.exp(uniform(math.log(tiny), math.log(largest), N_NORMAL - 6))])
+    beyond = torch.cat([torch.tensor([overflow_min], dtype=torch.float64), uniform(1.2, 2.0, K - 1) * overflow_min])
     values = torch.cat([underflow, subnormal, normal]).clamp(min=underflow_max * 1e-3).float()
     values = torch.cat([values, beyond.clamp(max=FP32_MAX).float(), torch.full((K,), math.inf)])
     signs = torch.randint(0, 2, values.shape, generator=generator) * 2 - 1
@@ -52,6 +55,8 @@ def test_counts_match_a_planted_tensor(name):
     cast = x.to(dtype).float()
     assert torch.count_nonzero((x != 0) & (cast == 0)) == K
     assert torch.count_nonzero((cast != 0) & (cast.abs() < torch.finfo(dtype).tiny)) == K
+    if dtype in (torch.float16, torch.bfloat16):  # and what it rounds to inf (fp8 casts have no inf)
+        assert torch.count_nonzero(cast.isinf() & ~x.isinf()) == K
     finite = x[x.abs() <= torch.finfo(dtype).max]
     assert format_stats(finite, dtype)["amax"] == finite.abs().max()
 
