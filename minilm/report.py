@@ -570,9 +570,11 @@ def _reduce_over(prefix: str, reduce: Callable[[list[float]], float]) -> Callabl
 
 
 def plot_numerics(sweep: Sweep, layout: Layout, path: Path) -> bool:
-    rows = [StepRow(f"{name} {what}", f"fraction of nonzero {name} values", _reduce_over(f"numerics/{cls}/{what}", max))
-            for cls, name in (("act_in", "linear inputs"), ("grad", "output gradients")) for what in ("underflow",)]
-    rows.append(StepRow("overflow", "fraction saturated or inf/nan", _reduce_over("numerics/act_in/overflow", max)))
+    rows = [StepRow(f"{name}: underflow to zero", "fraction of nonzero values",
+                    _reduce_over(f"numerics/{cls}/underflow", max))
+            for cls, name in (("act_in", "linear inputs"), ("grad", "output gradients"))]
+    rows.append(StepRow("linear inputs: saturated or inf/nan", "fraction of nonzero values",
+                        _reduce_over("numerics/act_in/overflow", max)))
     return plot_over_steps(sweep, layout, rows, "What the run's low-precision format loses (numerics/*, measured "
                            "before the cast, fp8 layers after their scale): the worst layer's fraction of nonzero "
                            "values that underflow to zero or saturate, at the sampled steps; seed mean, band: "
