@@ -2,6 +2,7 @@
 
     python scripts/bench_sweep.py                                  # the CPU figure: a seed x LR grid at size=tiny
     python scripts/bench_sweep.py experiment=lr_qknorm size=tiny --steps 100
+    python scripts/bench_sweep.py --steps 300 --jobs 2                 # two ensembles at once, a thread each
     python scripts/bench_sweep.py experiment=precision_matrix size=tiny --launcher parallel
     python scripts/bench_sweep.py experiment=lr_qknorm model=small --steps 30 --json out.json   # a GPU
 
@@ -31,11 +32,13 @@ DEFAULT = ["size=tiny", "optim.lr=1e-3,3e-3,1e-2", "seed=0,1"]
 DEFAULT_STEPS = 40
 
 
-def run_sweep(overrides: list[str], launcher: str | None, sweep_dir: Path, log: Path) -> float:
+def run_sweep(overrides: list[str], launcher: str | None, sweep_dir: Path, log: Path, jobs: int | None = None) -> float:
     """Wall seconds of one multirun; raises when it fails."""
     command = [sys.executable, str(ROOT / "train.py"), "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
     if launcher:
         command.append(f"hydra/launcher={launcher}")
+        if jobs:
+            command.append(f"hydra.launcher.n_jobs={jobs}")
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -65,6 +68,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help=f"the multirun's overrides (default: {' '.join(DEFAULT)})")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="train.max_steps of every run")
     parser.add_argument("--launcher", default="ensemble", choices=["ensemble", "parallel", "parallel_gpu"])
+    parser.add_argument("--jobs", type=int, help="the launcher's hydra.launcher.n_jobs (default: its own)")
     parser.add_argument("--repeats", type=int, default=1, help="sequential / batched pairs; medians are kept")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", type=Path, help="keep the multirun dirs here (default: a temporary dir)")
@@ -79,7 +83,7 @@ def main() -> None:
     for repeat in range(args.repeats):  # alternate, so that load from elsewhere falls on both ways alike
         for way, launcher in (("sequential", None), (args.launcher, args.launcher)):
             sweep_dir = work / f"{way}{repeat}"
-            seconds = run_sweep(overrides, launcher, sweep_dir, work / f"{way}{repeat}.log")
+            seconds = run_sweep(overrides, launcher, sweep_dir, work / f"{way}{repeat}.log", args.jobs)
             times[way].append(seconds)
             print(f"repeat {repeat + 1}: {way} {seconds:.1f} s", flush=True)
 
@@ -100,7 +104,7 @@ def main() -> None:
         print(f"{job[:60]:<60} {show(train):>16} {show(other[0]):>16} {show(val):>16} {show(other[1]):>16}{flag}")
     if args.json:
         args.json.write_text(json.dumps({
-            "overrides": overrides, "launcher": args.launcher, "runs": n_runs, "steps": args.steps,
+            "overrides": overrides, "launcher": args.launcher, "jobs": args.jobs, "runs": n_runs, "steps": args.steps,
             "seconds": times, "median_seconds": seconds, "runs_per_hour": {w: 3600 * n_runs / s for w, s in
                                                                           seconds.items()},
             "ratio": ratio, "load_average_start": load, "losses": {"sequential": sequential, "batched": batched},

@@ -219,6 +219,26 @@ def test_ensemble_launcher_groups_a_multirun_and_prints_the_plan(tmp_path):
 
 
 @pytest.mark.slow
+def test_ensemble_launcher_trains_ensembles_side_by_side(tmp_path):
+    """hydra.launcher.n_jobs=2: the group is split in two ensembles, trained in two processes at once; each
+    member trains as in the same ensemble in this process and writes its own log."""
+    grid = ["logger=none", "train.max_steps=3", "deterministic=true", "optim.lr=1e-3,3e-3", "seed=0,1"]
+    side = train_py(["hydra/launcher=ensemble", "hydra.launcher.n_jobs=2", *grid], tmp_path / "side")
+    assert side.returncode == 0, side.stderr[-3000:]
+    assert "4 jobs as 2 batched ensemble(s) and 0 run(s) alone, 2 at a time in processes of their own" in side.stdout
+    together = train_py(["hydra/launcher=ensemble", "hydra.launcher.max_members=2", *grid], tmp_path / "together")
+    assert together.returncode == 0, together.stderr[-3000:]
+    jobs = sorted((tmp_path / "side").glob("*/summary.json"))
+    assert len(jobs) == 4
+    for job in (path.parent for path in jobs):
+        member, alone = losses(read_metrics(job)), losses(read_metrics(tmp_path / "together" / job.name))
+        assert len(member) == 3 and member == pytest.approx(alone, rel=MEMBER_RTOL)
+        assert f"run dir {job}" in next(job.glob("*.log")).read_text()  # its closing line, in its own log
+    bad = train_py(["hydra/launcher=ensemble", "hydra.launcher.n_jobs=0", *grid], tmp_path / "bad")
+    assert bad.returncode != 0 and "hydra.launcher.n_jobs=0 is not valid" in bad.stderr
+
+
+@pytest.mark.slow
 def test_parallel_launcher_runs_jobs_side_by_side(tmp_path):
     sweep = tmp_path / "sweep"
     proc = train_py(["hydra/launcher=parallel", "logger=none", "train.max_steps=2", "seed=0,1"], sweep)

@@ -9,10 +9,20 @@ the device's free memory, and hydra.launcher.max_members) is split. The plan is 
 starts. Each member gets its job dir, `.hydra/` files and Hydra callbacks exactly as a job run alone
 (Hydra's own `run_job` makes them), then the group trains as one `Ensemble`. Jobs that cannot be batched
 (minilm.ensemble.unbatchable_reason) and groups of one run alone, as with the basic launcher.
+
+With hydra.launcher.n_jobs=N > 1 the units (ensembles and runs alone) train N at a time, each in a process
+of its own with cores / N CPU threads, and every group is split into at least N ensembles so that the
+processes have work alike. On a small CPU this pays twice: a tiny model uses two threads poorly, and two
+batched ensembles on one thread each keep both cores busy.
 """
 
 import logging
+import math
+import multiprocessing
+import os
+import signal
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -25,12 +35,14 @@ log = logging.getLogger(__name__)
 
 
 class EnsembleLauncher(Launcher):
-    def __init__(self, max_members: int | None = None, memory_fraction: float = 0.8) -> None:
+    def __init__(self, max_members: int | None = None, memory_fraction: float = 0.8, n_jobs: int = 1) -> None:
+        if n_jobs < 1:
+            raise ValueError(f"hydra.launcher.n_jobs={n_jobs} is not valid; it must be >= 1")
         if max_members is not None and max_members < 1:
             raise ValueError(f"hydra.launcher.max_members={max_members} is not valid; it must be >= 1 or null")
         if not 0 < memory_fraction <= 1:
             raise ValueError(f"hydra.launcher.memory_fraction={memory_fraction} is not valid; it must be in (0, 1]")
-        self.max_members, self.memory_fraction = max_members, memory_fraction
+        self.max_members, self.memory_fraction, self.n_jobs = max_members, memory_fraction, n_jobs
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
@@ -49,6 +61,8 @@ class EnsembleLauncher(Launcher):
                 sweep_config.hydra.job.id = sweep_config.hydra.job.num = initial_job_idx + idx
             configs.append(sweep_config)
         units = self.plan(configs, job_overrides, initial_job_idx)
+        if self.n_jobs > 1:
+            return self._launch_side_by_side(units, configs, initial_job_idx)
         runs: dict[int, JobReturn] = {}
         for unit in units:
             if len(unit) == 1:
@@ -80,8 +94,8 @@ class EnsembleLauncher(Launcher):
             task = task_config(configs[members[0]])
             device = resolve_device(task.device)
             each = member_bytes(task, task.data.vocab_size)
-            free = int(self.memory_fraction * available_bytes(device))
-            most = min(self.max_members or len(members), max(1, free // each))
+            free = int(self.memory_fraction * available_bytes(device)) // self.n_jobs  # n_jobs ensembles at once
+            most = min(self.max_members or len(members), max(1, free // each), math.ceil(len(members) / self.n_jobs))
             chunks = split(members, most)
             units += chunks
             if len(chunks) > 1:
@@ -90,8 +104,9 @@ class EnsembleLauncher(Launcher):
                              f"{f', hydra.launcher.max_members={self.max_members}' if self.max_members else ''}")
         units.sort(key=lambda unit: unit[0])
         n_ensembles = sum(len(unit) > 1 for unit in units)
+        at_once = f", {self.n_jobs} at a time in processes of their own" if self.n_jobs > 1 else ""
         log.info(f"Ensemble launcher: {len(configs)} jobs as {n_ensembles} batched ensemble(s) and "
-                 f"{len(units) - n_ensembles} run(s) alone")
+                 f"{len(units) - n_ensembles} run(s) alone{at_once}")
         for unit in units:
             jobs = " | ".join(f"#{first + i} {' '.join(filter_overrides(job_overrides[i]))}" for i in unit)
             kind = f"ensemble of {len(unit)}" if len(unit) > 1 else \
@@ -106,11 +121,10 @@ class EnsembleLauncher(Launcher):
         return run_job(hydra_context=self.hydra_context, task_function=task_function, config=config,
                        job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
 
-    def _run_ensemble(self, configs: list[DictConfig], label: str) -> list[JobReturn]:
-        """Make each member's job dir through Hydra's run_job (its .hydra/ files, callbacks), then train them
-        as one ensemble; each JobReturn carries its member's result, as the job alone would."""
-        from minilm.cli import input_errors, job_result
-        from minilm.ensemble import MemberJob, train_ensemble
+    def _register(self, configs: list[DictConfig]) -> tuple[list[JobReturn], list, str | None]:
+        """Make each job's dir through Hydra's run_job (its .hydra/ files, callbacks) without training it:
+        the JobReturns, the jobs as MemberJobs, and the name of the job's log file."""
+        from minilm.ensemble import MemberJob
 
         members: list[MemberJob] = []
 
@@ -122,21 +136,54 @@ class EnsembleLauncher(Launcher):
         returns = [self._run(config, register) for config in configs]
         for ret in returns:
             ret.return_value  # noqa: B018 - raises what registering the member raised
+        file_handler = next((h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)), None)
+        return returns, members, Path(file_handler.baseFilename).name if file_handler else None
+
+    def _launch_side_by_side(self, units: list[list[int]], configs: list[DictConfig], first: int) -> list[JobReturn]:
+        """Every unit's job dirs made here, then the units trained n_jobs at a time in processes of their own.
+        Ctrl-C reaches every process: each unit checkpoints and ends `interrupted`, as in one process."""
+        from minilm.cli import input_errors, job_result
+
+        registered = [self._register([configs[i] for i in unit]) for unit in units]
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        threads = max(1, (os.cpu_count() or 1) // self.n_jobs)
+        runs: dict[int, JobReturn] = {}
+        context = multiprocessing.get_context("spawn")  # no forked copy of this process's threads or CUDA state
+        previous = signal.signal(signal.SIGINT, lambda *_: None)  # the units stop themselves, then report
+        try:
+            with ProcessPoolExecutor(self.n_jobs, mp_context=context, initializer=_worker_setup,
+                                     initargs=(threads,)) as pool:
+                futures = [pool.submit(_train_unit, members, log_name, f"#{first + unit[0]} ")
+                           for unit, (_, members, log_name) in zip(units, registered)]
+                try:
+                    for unit, (returns, _, _), future in zip(units, registered, futures):
+                        with input_errors():
+                            summaries = future.result()
+                        for i, ret, summary in zip(unit, returns, summaries):
+                            ret.return_value = job_result(summary)
+                            runs[i] = ret
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)  # units not started stay for the next run to resume
+                    raise
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return [runs[i] for i in range(len(configs))]
+
+    def _run_ensemble(self, configs: list[DictConfig], label: str) -> list[JobReturn]:
+        """Make each member's job dir through Hydra's run_job (its .hydra/ files, callbacks), then train them
+        as one ensemble; each JobReturn carries its member's result, as the job alone would."""
+        from minilm.cli import input_errors, job_result
+        from minilm.ensemble import train_ensemble
+
+        returns, members, log_name = self._register(configs)
         # every member's train.log gets the ensemble's log (run_job left the last member's file handler)
-        root, handlers = logging.getLogger(), []
-        file_handler = next((h for h in root.handlers if isinstance(h, logging.FileHandler)), None)
-        for member in members[:-1]:
-            if file_handler is not None:
-                handler = logging.FileHandler(member.run_dir / Path(file_handler.baseFilename).name)
-                handler.setFormatter(file_handler.formatter)
-                root.addHandler(handler)
-                handlers.append(handler)
+        handlers = _log_to(members[:-1], log_name)
         try:
             with input_errors():
                 summaries = train_ensemble(members, label=f"{label} ")
         finally:
             for handler in handlers:
-                root.removeHandler(handler)
+                logging.getLogger().removeHandler(handler)
                 handler.close()
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         for ret, summary in zip(returns, summaries):
@@ -147,3 +194,43 @@ class EnsembleLauncher(Launcher):
 def task_config(config: DictConfig) -> DictConfig:
     """A job's config as its task function sees it: without the hydra node."""
     return OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+
+
+def _log_to(members, log_name: str | None) -> list[logging.Handler]:
+    """A file handler on the root logger for each member's log file (`log_name` in its run dir)."""
+    handlers = []
+    root = logging.getLogger()
+    formatter = next((h.formatter for h in root.handlers if h.formatter), None)
+    for member in members if log_name else []:
+        handler = logging.FileHandler(member.run_dir / log_name)
+        handler.setFormatter(formatter or logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        root.addHandler(handler)
+        handlers.append(handler)
+    return handlers
+
+
+def _worker_setup(threads: int) -> None:
+    """A unit's process: its share of the cores, Ctrl-C as the trainer handles it, logs as Hydra writes them."""
+    import torch
+
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+
+
+def _train_unit(members: list, log_name: str | None, label: str) -> list[dict]:
+    """Train one unit in a worker process: an ensemble, or a run alone as the basic launcher runs it.
+    Returns the summaries in order."""
+    from minilm.ensemble import train_ensemble
+    from minilm.trainer import train
+
+    handlers = _log_to(members, log_name)
+    try:
+        if len(members) == 1:
+            job = members[0]
+            return [train(job.cfg, job.run_dir, job.overrides, choices=job.choices)]
+        return train_ensemble(members, label=label)
+    finally:
+        for handler in handlers:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
