@@ -278,7 +278,12 @@ def share_cores(hydra_cfg) -> None:
     if n_jobs and n_jobs > 0:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
+        torch.set_num_threads(threads_per_job(n_jobs))
+
+
+def threads_per_job(n_jobs: int) -> int:
+    """CPU threads for each of n_jobs processes that share this machine."""
+    return max(1, (os.cpu_count() or 1) // n_jobs)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# the CPU figure of the issue: seed x learning-rate runs of one architecture, at size=tiny
+# the CPU figure: seed x learning-rate runs of one architecture, at size=tiny
 DEFAULT = ["size=tiny", "optim.lr=1e-3,3e-3,1e-2", "seed=0,1"]
 DEFAULT_STEPS = 40
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: prove every Triton kernel and measure the headline figures within one lent window
-# (15 minutes on one H200 in all, machine start-up included; at most 10 minutes per command).
+# The GPU check: prove every Triton kernel and measure the headline figures within one short
+# GPU session (15 minutes on one H200 in all, machine start-up included; at most 10 minutes per command).
 #
 #   bash scripts/gpu_check.sh --fetch     # on a CPU machine with the package registry: the wheels the
 #                                         # device image lacks -> .whl/ (the run must carry: [".whl"])

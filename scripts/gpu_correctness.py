@@ -1,6 +1,6 @@
 """Every Triton norm kernel against a float64 reference: the GPU check's correctness sweep.
 
-    python scripts/gpu_correctness.py --json OUT/correctness.json        # CUDA: the issue's sizes
+    python scripts/gpu_correctness.py --json OUT/correctness.json        # CUDA: the full size grid
     TRITON_INTERPRET=1 python scripts/gpu_correctness.py --dry-run       # CPU: tiny sizes, interpreted
     python scripts/gpu_correctness.py --sanitize                         # compute-sanitizer memcheck
 

@@ -19,7 +19,6 @@ batched ensembles on one thread each keep both cores busy.
 import logging
 import math
 import multiprocessing
-import os
 import signal
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -32,6 +31,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job log format
 
 
 class EnsembleLauncher(Launcher):
@@ -142,11 +142,11 @@ class EnsembleLauncher(Launcher):
     def _launch_side_by_side(self, units: list[list[int]], configs: list[DictConfig], first: int) -> list[JobReturn]:
         """Every unit's job dirs made here, then the units trained n_jobs at a time in processes of their own.
         Ctrl-C reaches every process: each unit checkpoints and ends `interrupted`, as in one process."""
-        from minilm.cli import input_errors, job_result
+        from minilm.cli import input_errors, job_result, threads_per_job
 
         registered = [self._register([configs[i] for i in unit]) for unit in units]
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        threads = max(1, (os.cpu_count() or 1) // self.n_jobs)
+        threads = threads_per_job(self.n_jobs)
         runs: dict[int, JobReturn] = {}
         context = multiprocessing.get_context("spawn")  # no forked copy of this process's threads or CUDA state
         previous = signal.signal(signal.SIGINT, lambda *_: None)  # the units stop themselves, then report
@@ -203,7 +203,7 @@ def _log_to(members, log_name: str | None) -> list[logging.Handler]:
     formatter = next((h.formatter for h in root.handlers if h.formatter), None)
     for member in members if log_name else []:
         handler = logging.FileHandler(member.run_dir / log_name)
-        handler.setFormatter(formatter or logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        handler.setFormatter(formatter or logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
         handlers.append(handler)
     return handlers
@@ -215,7 +215,7 @@ def _worker_setup(threads: int) -> None:
 
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
 
 def _train_unit(members: list, log_name: str | None, label: str) -> list[dict]:
