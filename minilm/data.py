@@ -61,7 +61,8 @@ def stdlib_files() -> list[tuple[str, Path]]:
 
 
 def text_files(patterns) -> list[tuple[str, Path]]:
-    """The files data.files names: every entry (a path or a glob) must match at least one file."""
+    """The files data.files names: every entry (a path or a glob) must match at least one file. A file's
+    key is its path below the folder all of them share, so the split does not change when the corpus moves."""
     files = set()
     for pattern in patterns:
         matched = [Path(f) for f in glob.glob(os.path.expanduser(pattern), recursive=True)]
@@ -70,7 +71,8 @@ def text_files(patterns) -> list[tuple[str, Path]]:
             raise DataError(f"data.files entry {pattern!r} matches no file; pass existing paths or globs, "
                             f"e.g. data.files='[notes/*.txt]'")
         files.update(matched)
-    return [(f.as_posix(), f) for f in sorted(files)]
+    root = Path(os.path.commonpath([f.parent.resolve() for f in files]))
+    return [(f.resolve().relative_to(root).as_posix(), f) for f in sorted(files)]
 
 
 def read_text(path: Path, errors: str) -> tuple[str, int]:

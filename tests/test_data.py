@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from minilm.config import DataConfig
-from minilm.data import TokenWindowSampler, is_val, stdlib_files
+from minilm.data import TokenWindowSampler, is_val, stdlib_files, text_files
 from minilm.data import prepare_data as prepare_data_in
 from minilm.errors import DataError
 
@@ -88,6 +88,15 @@ def test_local_text_files(tmp_path):
     folder = write_docs(tmp_path / "docs")
     data = prepare_data(data_cfg(tmp_path, source="text", files=[str(folder / "*.txt")], max_files=None))
     assert "quick brown fox" in data.decode(data.train[:200])
+
+
+def test_text_split_does_not_depend_on_where_the_corpus_lives(tmp_path):
+    """Keys are paths below the corpus's own folder: the same files elsewhere split alike."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b" / "elsewhere").mkdir(parents=True)
+    here, there = write_docs(tmp_path / "a" / "docs"), write_docs(tmp_path / "b" / "elsewhere" / "docs")
+    keys_here = [key for key, _ in text_files([str(here / "*.txt")])]
+    assert keys_here == [key for key, _ in text_files([str(there / "*.txt")])]
+    assert sorted(keys_here) == sorted(f"doc{i}.txt" for i in range(12))
 
 
 def test_text_glob_matching_nothing_is_a_clear_error(tmp_path):
