@@ -29,6 +29,8 @@ def test_stdlib_corpus_has_no_tests_or_site_packages():
     keys = [key for key, _ in stdlib_files()]
     assert len(keys) > 300 and "os.py" in keys
     assert not any(part in ("test", "tests", "site-packages") for key in keys for part in key.split("/"))
+    assert not any(key.rsplit("/", 1)[-1].startswith("test_") for key in keys)
+    assert keys == sorted(keys, key=lambda key: key.split("/"))  # the order max_files cuts and the cache hashes
 
 
 def test_split_is_by_file_and_stable():
