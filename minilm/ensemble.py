@@ -13,9 +13,11 @@ monitor. Each member's parameters are views into the stacked tensors, so its mod
 checkpoint are exactly those of a solo run (a solo Trainer resumes a member's checkpoint, and
 `minilm-reproduce` repeats a member alone).
 
-A member that ends (completed, diverged, interrupted) leaves the batch: the others are restacked without
-it, so a diverged member is never computed again and cannot touch the others (their math is independent
-anyway: nothing in the batched step mixes members).
+Members that complete together draw their end-of-run samples in one batched generation (a forward per
+token for all of them), each as its model and seed draw it alone. A member that ends (completed, diverged,
+interrupted) leaves the batch: the others are restacked without it, so a diverged member is never computed
+again and cannot touch the others (their math is independent anyway: nothing in the batched step mixes
+members).
 
 Numerics. A member's init is the solo run's (the same seeding before the same model constructor). In the
 batched step the linears, attention, embeddings and loss compute bitwise what they compute alone (CPU,
@@ -45,7 +47,7 @@ from minilm.lifecycle import RunDir, StopSignals, plain
 from minilm.model import lm_loss
 from minilm.runs import flatten
 from minilm.seeding import rng_state, set_rng_state, torch_rng_state
-from minilm.trainer import Trainer, compile_mode
+from minilm.trainer import Trainer, compile_mode, samples
 
 log = logging.getLogger("minilm")
 
@@ -105,6 +107,15 @@ def split(indices: list[int], most: int) -> list[list[int]]:
     size, larger = divmod(len(indices), chunks)  # the first `larger` chunks take one more
     bounds = [k * size + min(k, larger) for k in range(chunks + 1)]
     return [indices[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+@contextmanager
+def no_batching_rule_warning():
+    """The CPU flash-attention kernel has no batching rule: vmap runs it member by member (exactly), and
+    warns about it at every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        yield
 
 
 @dataclass
@@ -176,9 +187,7 @@ class Ensemble:
                     batches.append(trainer.micro_batch(micro))
             x, y = (torch.stack(parts) for parts in zip(*batches))
             with anomaly:
-                with self.precision.autocast(), warnings.catch_warnings():
-                    # the CPU flash-attention kernel has no batching rule: vmap runs it per member (exactly)
-                    warnings.filterwarnings("ignore", message=".*batching rule.*")
+                with self.precision.autocast(), no_batching_rule_warning():
                     logits = self.forward(self.params, x)
                 scaled = []
                 for i, (trainer, member_logits, targets) in enumerate(zip(members, logits.unbind(0), y.unbind(0))):
@@ -196,6 +205,18 @@ class Ensemble:
         for stacked in self.params.values():
             stacked.grad = None
         return results
+
+    def _samples(self, trainers: list[Trainer]) -> list[str]:
+        """The end-of-run samples of these members, as each draws it alone (minilm.trainer.samples), one batched
+        forward per token for all of them (a sample costs a forward per token: hundreds of tiny ones)."""
+        rows = torch.tensor([self.members.index(trainer) for trainer in trainers], device=self.members[0].device)
+        params = {name: stacked.detach().index_select(0, rows) for name, stacked in self.params.items()}
+        model = self.members[0].model
+        model.eval()
+        with self.precision.autocast(), no_batching_rule_warning():
+            texts = samples(trainers, partial(vmap(self._member_forward), params))
+        model.train()
+        return texts
 
     def fit(self) -> None:
         """Train every member to its end; each member's summary is in its `summary` (and its run dir)."""
@@ -227,8 +248,12 @@ class Ensemble:
         """End the members at `done` (summary, W&B finished) and restack the others without them."""
         if not done:
             return
+        sampling = [self.members[i] for i in done if self.members[i].samples_at_end()]
+        texts = dict(zip(sampling, self._samples(sampling))) if sampling else {}
         for i in done:
             trainer = self.members[i]
+            if trainer in texts:  # drawn with the others' in one batched generation
+                trainer.sample = partial(str, texts[trainer])
             with self._own_rng(i):
                 trainer.flush_pending()
                 trainer._bar.close()

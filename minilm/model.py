@@ -147,16 +147,27 @@ class GPT(nn.Module):
             x = block(x)
         return self.lm_head(self.norm_f(x))
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
-                 top_k: int = 50, generator: torch.Generator | None = None) -> torch.Tensor:
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.cfg.block_size:])[:, -1, :].float() / temperature
-            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = F.softmax(logits, dim=-1)
-            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
-        return idx
+
+@torch.no_grad()
+def generate(forward: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, new_tokens: int, block_size: int,
+             generators: list[torch.Generator]) -> torch.Tensor:
+    """Continue token ids (models, batch, time) by `new_tokens`, each model drawing with its own generator;
+    `forward` maps ids (models, batch, time) to logits (models, batch, time, vocab): one model's forward
+    with a leading dim of 1, or a batched ensemble's (vmap) forward."""
+    for _ in range(new_tokens):
+        logits = forward(idx[:, :, -block_size:])[:, :, -1, :]
+        drawn = [next_token(model_logits, generator) for model_logits, generator in zip(logits, generators)]
+        idx = torch.cat([idx, torch.stack(drawn)], dim=2)
+    return idx
+
+
+def next_token(logits: torch.Tensor, generator: torch.Generator | None = None,
+               temperature: float = 0.8, top_k: int = 50) -> torch.Tensor:
+    """A token (batch, 1) drawn from the last position's logits (batch, vocab): top-k, then temperature."""
+    logits = logits.float() / temperature
+    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
 class LossParts(NamedTuple):

@@ -48,7 +48,7 @@ from minilm.environment import environment_record
 from minilm.errors import EXIT_CODES, CheckpointError, DataError, MinilmError, RunDirError
 from minilm.forensics import Forensics
 from minilm.lifecycle import RunDir, StepScalars, StopSignals, check_architecture, check_resume, plain
-from minilm.model import GPT, lm_loss
+from minilm.model import GPT, generate, lm_loss
 from minilm.numerics import NumericsCollector
 from minilm.precision import Precision
 from minilm.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, torch_rng_state
@@ -512,12 +512,17 @@ class Trainer:
 
     def end_fit(self) -> dict:
         """How the run ended, after its last step: the final evaluation and the summary."""
-        outcome = self._outcome
-        if self._diverged_stop():
-            outcome = "diverged"
-        elif outcome == "completed" and self.val_loss is None:  # e.g. resumed from the final checkpoint
+        outcome = self.outcome()
+        if outcome == "completed" and self.val_loss is None:  # e.g. resumed from the final checkpoint
             self._evaluate_and_log(None)
         return self._finish(outcome)
+
+    def outcome(self) -> str:
+        """How the run ends if it ends now."""
+        return "diverged" if self._diverged_stop() else self._outcome
+
+    def samples_at_end(self) -> bool:
+        return self.is_main and self.outcome() == "completed" and self.cfg.train.sample_tokens > 0
 
     def _evaluate_and_log(self, bar) -> None:
         self.val_loss = self.evaluate()
@@ -537,7 +542,7 @@ class Trainer:
         summary.update({f"last_healthy/{k}": v for k, v in self.last_healthy.items()})
         summary.update({**self.diagnostics.running_metrics(), **self.forensics.summary()})
         if self.is_main:
-            if outcome == "completed" and self.cfg.train.sample_tokens:
+            if self.samples_at_end():
                 summary["sample"] = self.sample()
                 log.info("sample:\n" + summary["sample"])
             self.tracker.summary(summary)
@@ -579,15 +584,30 @@ class Trainer:
         if self.is_main and self.summary:
             log.info(self.closing_line())
 
-    @torch.no_grad()
-    def sample(self, prompt: str = "def") -> str:
-        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        idx = torch.tensor([self.data.encode(prompt)], device=self.device)
+    def sample(self) -> str:
+        """The end-of-run sample: SAMPLE_PROMPT continued by train.sample_tokens tokens."""
         self.model.eval()
         with self.precision.autocast():
-            out = self.model.generate(idx, self.cfg.train.sample_tokens, generator=generator)
+            text = samples([self], lambda idx: self.model(idx[0]).unsqueeze(0))[0]
         self.model.train()
-        return self.data.decode(out[0].tolist())
+        return text
+
+
+SAMPLE_PROMPT = "def"
+
+
+def samples(trainers: list[Trainer], forward) -> list[str]:
+    """Each trainer's end-of-run sample, drawn with a generator seeded by its seed; `forward` maps the
+    trainers' token ids (trainers, 1, time) to logits (trainers, 1, time, vocab). A text depends only on its
+    own model and seed: a run alone and an ensemble member (minilm/ensemble.py) draw it alike."""
+    first = trainers[0]
+    prompt = first.data.encode(SAMPLE_PROMPT)
+    lengths = [len(prompt) + trainer.cfg.train.sample_tokens for trainer in trainers]
+    generators = [torch.Generator(device=first.device).manual_seed(trainer.cfg.seed) for trainer in trainers]
+    idx = torch.tensor([[prompt]] * len(trainers), device=first.device)
+    idx = generate(forward, idx, max(lengths) - len(prompt), first.cfg.model.block_size, generators)
+    # a shorter sample is the start of a longer one: each token depends only on the ones before it
+    return [first.data.decode(row[0, :length].tolist()) for row, length in zip(idx, lengths)]
 
 
 def train(cfg, run_dir: Path, overrides: list[str] = (), choices: dict | None = None) -> dict:

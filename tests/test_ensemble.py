@@ -68,7 +68,7 @@ def test_grouping_keys():
 def test_members_train_as_their_runs_alone(tmp_path):
     arms = [["optim.lr=1e-3", "seed=0"], ["optim.lr=3e-3", "seed=1", "optim.weight_decay=0"],
             ["optim.lr=1e-2", "seed=0", "optim.z_loss=1e-3", "train.grad_clip=0.3", "optim.warmup_steps=3"]]
-    arms = [[*arm, "train.max_steps=8"] for arm in arms]
+    arms = [[*arm, "train.max_steps=8", f"train.sample_tokens={tokens}"] for arm, tokens in zip(arms, (40, 0, 12))]
     summaries = run_ensemble(arms, tmp_path)
     for i, arm in enumerate(arms):
         run_alone(arm, tmp_path / f"alone{i}")
@@ -76,11 +76,28 @@ def test_members_train_as_their_runs_alone(tmp_path):
         alone = json.loads((tmp_path / f"alone{i}" / "summary.json").read_text())
         assert summaries[i]["outcome"] == "completed" and summaries[i]["val/loss"] == pytest.approx(
             alone["val/loss"], rel=MEMBER_RTOL)
+        assert summaries[i].get("sample") == alone.get("sample") and ("sample" in alone) == (i != 1)
         record = json.loads((tmp_path / f"member{i}" / "environment.json").read_text())
         assert record["ensemble"]["members"] == 3 and record["ensemble"]["member"] == i
         if "optim.z_loss=1e-3" in arm:
             rows = read_metrics(tmp_path / f"member{i}")
             assert all("train/z_loss" in row for row in rows if "train/loss" in row)
+
+
+def test_members_draw_their_samples_as_alone(tmp_path):
+    """An ensemble draws its members' end-of-run samples in one batched generation: each is what its model
+    draws alone (the same weights, the same seed), at its own length, past the context (block_size 32)."""
+    arms = [["seed=0", "train.sample_tokens=40"], ["seed=1", "train.sample_tokens=12", "optim.lr=1e-2"]]
+    trainers, rngs = [], []
+    for i, arm in enumerate(arms):
+        trainers.append(Trainer(config(arm), tmp_path / f"member{i}", arm))
+        rngs.append(rng_state())
+    ensemble = Ensemble(trainers, rngs)
+    for _ in range(2):
+        ensemble.step()
+    alone = [trainer.sample() for trainer in trainers]
+    assert ensemble._samples(trainers) == alone
+    assert alone[0] != alone[1] and len(trainers[0].data.encode(alone[0])) > 32
 
 
 @pytest.mark.slow
