@@ -77,6 +77,9 @@ def main() -> None:
     overrides = [*(args.overrides or DEFAULT), f"train.max_steps={args.steps}", "logger=none"]
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_sweep-"))
     work.mkdir(parents=True, exist_ok=True)
+    earlier = sorted(path.name for path in work.iterdir() if path.name.startswith(("sequential", args.launcher)))
+    if earlier:  # a multirun skips the jobs its dir already finished: the times would mean nothing
+        sys.exit(f"--keep {work} already holds {earlier[0]}; pass a new or empty dir")
     load = os.getloadavg()[0]
     print(f"overrides: {' '.join(overrides)}; {os.cpu_count()} CPUs, load average {load:.2f} at the start")
     times: dict[str, list[float]] = {"sequential": [], args.launcher: []}

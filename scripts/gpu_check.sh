@@ -181,7 +181,8 @@ part2() {
 
 # Part 3: sweep throughput (minilm/ensemble.py) and CUDA graphs for a small model (train.compile_mode).
 # Caps: the lr_qknorm study at size=tiny, 14 runs of 30 steps, in turn then as 2 batched ensembles: 80 s
-# (in turn ~14 x 3 s of start-up, evaluation and sample per run); model=tiny compiled with inductor's default
+# (in turn ~14 x 3 s of start-up, evaluation and sample per run); the step behind it (bench_ensemble.py: a
+# step alone, of an ensemble of 7, of one run at 7x the batch): 30 s; model=tiny compiled with inductor's default
 # mode, then with reduce-overhead (CUDA graphs): 40 s each (~20 s compilation, 100 steps); optional, with what
 # is left: 3 runs of lr_qknorm's grid at model=small, in turn then as one ensemble. The part ends within 420 s:
 # run it in a window of its own (with start-up, parts 1 and 2 leave too little of one window).
@@ -189,25 +190,27 @@ part2() {
 sweep_config() {
     local name=$1 file=$2 cap=$3
     shift 3
-    section "sweep: $name" "$cap" "$PART_DIR/sweep.log" \
+    section "sweep: $name" "$cap" "$PART_DIR/bench.log" \
         "$PY" scripts/bench_sweep.py "$@" --json "$PART_DIR/sweep_$file.json"
 }
 
 part3() {
-    local tiny=(size=tiny) steps=(--steps 30) small=(model=small) small_steps=(--steps 10)
+    local tiny=(size=tiny) steps=(--steps 30) small=(model=small) small_steps=(--steps 10) rounds=20
     local train=(model=tiny --warmup 10 --steps 100 --repeats 1)
     if [ "$DRY_RUN" = 1 ]; then  # toy sizes; CUDA graphs need CUDA: the dry run times the default mode twice
-        tiny=(size=test) steps=(--steps 2) small=(size=test) small_steps=(--steps 2)
+        tiny=(size=test) steps=(--steps 2) small=(size=test) small_steps=(--steps 2) rounds=2
         train=(model=tiny model.n_layer=1 model.d_model=32 model.n_head=2 model.block_size=32 train.batch_size=4
             train.eval_batches=1 data.max_files=40 data.vocab_size=512 train.compile_backend=aot_eager
             --warmup 1 --steps 2 --repeats 1)
     fi
     sweep_config "lr_qknorm tiny" tiny 80 experiment=lr_qknorm "${tiny[@]}" "${steps[@]}"
+    section "step: 7 runs alone, as an ensemble, folded" 30 "$PART_DIR/bench.log" "$PY" scripts/bench_ensemble.py \
+        "${tiny[@]}" diagnostics=off --members 7 --rounds "$rounds" --json "$PART_DIR/step_tiny.json"
     local graphs=train.compile_mode=reduce-overhead
     [ "$DRY_RUN" = 1 ] && graphs=train.compile_mode=default
-    section "training: tiny compiled" 40 "$PART_DIR/train.log" \
+    section "training: tiny compiled" 40 "$PART_DIR/bench.log" \
         "$PY" scripts/bench_train.py train.compile=true "${train[@]}" --json "$PART_DIR/train_tiny_compiled.json"
-    section "training: tiny CUDA graphs" 40 "$PART_DIR/train.log" "$PY" scripts/bench_train.py train.compile=true \
+    section "training: tiny CUDA graphs" 40 "$PART_DIR/bench.log" "$PY" scripts/bench_train.py train.compile=true \
         "$graphs" "${train[@]}" --json "$PART_DIR/train_tiny_cuda_graphs.json"
     OPTIONAL=1
     sweep_config "lr_qknorm small, 3 runs (optional)" small 200 experiment=lr_qknorm "${small[@]}" \

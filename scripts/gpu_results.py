@@ -5,7 +5,8 @@
 
 Copies every part's JSON files and check.log, and writes README.md: date, device, driver and
 versions; each section's PASS / FAIL / SKIP line; every goal with its target, the measured figure
-and met / missed; then the norm-bandwidth tables, sweep throughput, the training figures (CUDA graphs
+and met / missed; then the norm-bandwidth tables, sweep throughput (with the step-level comparison of
+bench_ensemble.py), the training figures (CUDA graphs
 at model=tiny among them), the correctness sweep and the precision runs. Figures come from the JSON
 alone. A dry run's page says so at the top and judges no goal: CPU timings of interpreted kernels are
 not GPU figures.
@@ -212,6 +213,21 @@ def sweep_lines(sweeps: dict[str, dict]) -> list[str]:
     return lines + [""]
 
 
+def step_lines(steps: dict[str, dict]) -> list[str]:
+    """bench_ensemble.py: a run's step alone, as an ensemble member, and folded into one larger batch."""
+    if not steps:
+        return []
+    lines = ["Step level (`scripts/bench_ensemble.py`): ms per run-step, medians; the ratios are paired medians.", "",
+             "| overrides | members | alone ms | ensemble ms | folded ms | alone / ensemble | alone / folded |",
+             "|---|---|---|---|---|---|---|"]
+    for r in steps.values():
+        ms, ratios = r["median_ms_per_run_step"], r["ratios"]
+        lines.append(f"| `{' '.join(r['overrides'])}` | {r['members']} | {number(ms['alone'])} | "
+                     f"{number(ms['ensemble'])} | {number(ms['folded'])} | {ratios['ensemble']:.2f}x | "
+                     f"{ratios['folded']:.2f}x |")
+    return lines + [""]
+
+
 def page(results: Path) -> tuple[str, dict]:
     env = next((e for e in (load(results / part / "environment.json") for part in PARTS) if e), {})
     dry_run = env.get("dry_run", True)
@@ -226,7 +242,9 @@ def page(results: Path) -> tuple[str, dict]:
     sweeps = {k: v for k, v in sweeps.items() if v}
     graphs = {p.stem.removeprefix("train_"): load(p) for p in sorted((results / "part3").glob("train_*.json"))}
     graphs = {k: v for k, v in graphs.items() if v}
-    lines += sweep_goal_lines(sweeps, graphs, dry_run) + sweep_lines(sweeps)
+    steps = {p.stem: load(p) for p in sorted((results / "part3").glob("step_*.json"))}
+    lines += sweep_goal_lines(sweeps, graphs, dry_run) + sweep_lines(sweeps) + step_lines(
+        {k: v for k, v in steps.items() if v})
     lines += ["## Norm bandwidth", "", markdown(norms) if norms else "Not measured.", ""]
     lines += training_lines(trainings) + training_lines(graphs, "CUDA graphs, model=tiny (part 3)")
     lines += correctness_lines(correctness)

@@ -19,7 +19,8 @@ gpu_setup = load_script("gpu_setup")
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_SECTIONS = ["setup", "correctness", "collect-only gpu-marked tests", "bandwidth", "precision", "setup",
                      "training: compile layernorm", "training: compile triton_layernorm", "training: eager layernorm",
-                     "training: eager fp8", "setup", "sweep: lr_qknorm tiny", "training: tiny compiled",
+                     "training: eager fp8", "setup", "sweep: lr_qknorm tiny",
+                     "step: 7 runs alone, as an ensemble, folded", "training: tiny compiled",
                      "training: tiny CUDA graphs"]
 MAX_FILES, MAX_FOLDERS = 8, 2  # what the device tool brings back from $OUT
 
@@ -75,6 +76,8 @@ def test_dry_run_passes_every_section_within_the_file_limits(tmp_path):
         assert sweep["launcher"] == "ensemble" and sweep["ratio"] > 0 and sweep["runs"] >= 2
     for name in ("tiny_compiled", "tiny_cuda_graphs"):
         assert json.loads((part3 / f"train_{name}.json").read_text())["config"]["compile"]
+    step = json.loads((part3 / "step_tiny.json").read_text())
+    assert step["members"] == 7 and all(ratio > 0 for ratio in step["ratios"].values())
 
     # The results page of a dry run says what it is and never lands under benchmarks/ by default.
     refused = subprocess.run([sys.executable, "scripts/gpu_results.py", str(out)], cwd=ROOT, capture_output=True,
@@ -86,6 +89,7 @@ def test_dry_run_passes_every_section_within_the_file_limits(tmp_path):
     assert "**CPU dry run**" in text and "| met |" not in text and "MISSED" not in text
     assert (page / "part1" / "correctness.json").exists() and (page / "part2" / "check.log").exists()
     assert (page / "part3" / "sweep_tiny.json").exists() and "## Sweep throughput" in text
+    assert "Step level (`scripts/bench_ensemble.py`)" in text and (page / "part3" / "step_tiny.json").exists()
 
 
 def test_a_real_part_without_wheels_stops_at_once_with_one_line(tmp_path):
