@@ -12,8 +12,7 @@ starts. Each member gets its job dir, `.hydra/` files and Hydra callbacks exactl
 
 With hydra.launcher.n_jobs=N > 1 the units (ensembles and runs alone) train N at a time, each in a process
 of its own with cores / N CPU threads, and every group is split into at least N ensembles so that the
-processes have work alike. On a small CPU this pays twice: a tiny model uses two threads poorly, and two
-batched ensembles on one thread each keep both cores busy.
+processes have work alike: on a GPU, more kernels in flight; on a CPU, a thread per core each.
 """
 
 import logging
