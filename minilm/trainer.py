@@ -11,7 +11,8 @@ How a run ends (summary.json `outcome`, the process exit code in minilm/errors.p
     diverged     divergence confirmed (minilm/divergence.py): the run stops at that step, its
                  metrics are flushed and checkpoints/diverged.pt holds the state after that step
     interrupted  SIGINT / SIGTERM / SIGUSR1: the step finishes, metrics are flushed, a checkpoint
-                 is written; the same command resumes
+                 is written; the same command resumes (data parallel: at the next flush boundary,
+                 every `log_interval` steps, where the ranks agree on it)
     failed       an exception: the summary records it and W&B is finished
 Whatever happens, `close()` finishes W&B and closes the metrics file, and one closing line says
 how the run ended and where it lives. A checkpoint is never ahead of the metrics it implies:
@@ -442,9 +443,14 @@ class Trainer:
             if diverged_at is None or step < diverged_at:
                 self.last_healthy = row
 
-    def _stop_requested(self) -> bool:
+    def _stop_requested(self, boundary: bool) -> bool:
+        """Whether a stop signal ends the run after this step. Ranks of a data-parallel run must stop at the
+        same step: they agree at flush boundaries only (`boundary`), since agreeing takes a host sync, which
+        every step would keep the device from running ahead."""
         flag = self.signals.received is not None
-        if self.world_size > 1:  # all ranks must agree to stop at the same step
+        if self.world_size > 1:
+            if not boundary:
+                return False
             t = torch.tensor(float(flag), device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = bool(t.item())
@@ -488,8 +494,9 @@ class Trainer:
         if result is not None:
             self._pending.append(result)
         ckpt_due = (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or self.step == cfg.max_steps
-        stop = self._stop_requested()
-        flush_due = self.step % cfg.log_interval == 0 or self.step == self._end or ckpt_due or stop
+        boundary = self.step % cfg.log_interval == 0 or self.step == self._end or ckpt_due
+        stop = self._stop_requested(boundary)
+        flush_due = boundary or stop
         if self._pending and (flush_due or result is None):
             pending = self._pending
             self.flush_pending()

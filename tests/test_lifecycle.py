@@ -184,7 +184,7 @@ def test_sigint_checkpoints_writes_the_summary_and_finishes_wandb(tmp_path):
     assert process.returncode == EXIT_INTERRUPTED, err[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["outcome"] == "interrupted" and summary["stopped_by"] == "SIGINT"
-    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["step"] == summary["step"]
+    assert checkpoint.load(tmp_path / "checkpoints" / checkpoint.LAST)["step"] == summary["step"]
     assert train_steps(read_metrics(tmp_path)) == list(range(1, summary["step"] + 1))
     wandb_run = next((tmp_path / "wandb").glob("offline-run-*"))
     assert b"interrupted" in next(wandb_run.glob("run-*.wandb")).read_bytes()  # the summary reached W&B
@@ -288,3 +288,38 @@ def test_train_py_input_error_exit_code(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "norm=foo"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == EXIT_INPUT_ERROR and result.stderr.startswith("error: norm=foo")
+
+
+def test_data_parallel_ranks_agree_on_a_stop_at_flush_boundaries_only(tmp_path, monkeypatch):
+    """Ranks of a data-parallel run agree on a stop with an all_reduce and a host sync: only at flush
+    boundaries (every train.log_interval steps), never every step, and a signal stops the run at the next
+    boundary with a checkpoint. Collectives stand in for the second rank (this one's values)."""
+    import torch.distributed as dist
+
+    from minilm import trainer as trainer_module
+
+    trainer = make_trainer(["train.max_steps=12", "train.log_interval=5", "train.eval_interval=0",
+                            "train.ckpt_interval=0"], tmp_path)
+    trainer.world_size = 2
+    agreed_at = []
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM):
+        if op == dist.ReduceOp.MAX:
+            agreed_at.append(trainer.step)
+
+    monkeypatch.setattr(trainer_module.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(trainer_module.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None),
+                                                                                                   [obj] * len(out)))
+    step_alone = trainer.train_step
+
+    def train_step():
+        if trainer.step == 6:
+            trainer.signals.received = signal.SIGTERM
+        return step_alone()
+
+    trainer.train_step = train_step
+    summary = trainer.fit()
+    trainer.close()
+    assert agreed_at == [5, 10]
+    assert summary["outcome"] == "interrupted" and summary["step"] == 10
+    assert checkpoint.load(tmp_path / "checkpoints" / checkpoint.LAST)["step"] == 10
