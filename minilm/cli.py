@@ -200,6 +200,14 @@ def check_output_dir(path: Path, key: str) -> None:
         raise RunDirError(f"{key}={path} cannot be created: {parent} is not writable; pass another {key}")
 
 
+def check_launcher(launcher) -> None:
+    """hydra/launcher=ensemble's settings (the other launchers are Hydra plugins that check their own)."""
+    if str(launcher.get("_target_", "")).endswith(".EnsembleLauncher"):
+        from hydra_plugins.minilm_launchers.ensemble_launcher import check_settings
+
+        check_settings(**OmegaConf.to_container(launcher, resolve=True))
+
+
 def preflight(argv: list[str]) -> str | None:
     """A one-line error for the first invalid job the command line describes, or None if all are valid."""
     if any(arg.startswith("-") and arg not in _HYDRA_FLAGS for arg in argv):
@@ -212,6 +220,7 @@ def preflight(argv: list[str]) -> str | None:
         hydra_node = compose(non_sweep, hydra_node=True).hydra
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         check_output_dir(Path(OmegaConf.select(hydra_node, key.removeprefix("hydra."))), key)
+        check_launcher(hydra_node.launcher)
         for job in jobs_of(overrides, multirun):
             check_job([o for o in job if not o.startswith("hydra.")])
     except MinilmError as error:

@@ -19,6 +19,7 @@ import torch
 from minilm import checkpoint
 from minilm.cli import compose
 from minilm.ensemble import Ensemble, MemberJob, ensemble_key, split, train_ensemble, unbatchable_reason
+from minilm.errors import EXIT_INPUT_ERROR
 from minilm.seeding import rng_state
 from minilm.tracking import read_metrics
 from minilm.trainer import Trainer, train
@@ -252,7 +253,8 @@ def test_ensemble_launcher_trains_ensembles_side_by_side(tmp_path):
         assert len(member) == 3 and member == pytest.approx(alone, rel=MEMBER_RTOL)
         assert f"run dir {job}" in next(job.glob("*.log")).read_text()  # its closing line, in its own log
     bad = train_py(["hydra/launcher=ensemble", "hydra.launcher.n_jobs=0", *grid], tmp_path / "bad")
-    assert bad.returncode != 0 and "hydra.launcher.n_jobs=0 is not valid" in bad.stderr
+    assert bad.returncode == EXIT_INPUT_ERROR and bad.stderr.startswith("error: hydra.launcher.n_jobs=0 is not valid")
+    assert not (tmp_path / "bad").exists()  # refused before any job dir
 
 
 @pytest.mark.slow

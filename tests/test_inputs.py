@@ -104,6 +104,11 @@ BAD_CONFIG = [
     (["precision=fp8", "precision.fp8_recipe=blockwise"], ["precision.fp8_recipe=blockwise", "rowwise"]),
     (["precision=fp8", "model.d_model=72"], ["precision=fp8", "model.d_model=72", "multiple of 16"]),
     (["precision=fp8", "train.batch_size=3", "model.block_size=25"], ["75 tokens", "multiple of 16"]),
+    (["hydra/launcher=ensemble", "hydra.launcher.n_jobs=0"], ["hydra.launcher.n_jobs=0", "integer >= 1"]),
+    (["hydra/launcher=ensemble", "hydra.launcher.n_jobs=two"], ["hydra.launcher.n_jobs='two'", "integer >= 1"]),
+    (["hydra/launcher=ensemble", "hydra.launcher.max_members=0"], ["hydra.launcher.max_members=0", "or null"]),
+    (["hydra/launcher=ensemble", "hydra.launcher.memory_fraction=1.5"],
+     ["hydra.launcher.memory_fraction=1.5", "(0, 1]"]),
 ]
 if not torch.cuda.is_available():
     BAD_CONFIG.append((["device=cuda"], ["device='cuda'", "no CUDA GPU"]))

@@ -33,14 +33,29 @@ log = logging.getLogger(__name__)
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job log format
 
 
+def check_settings(n_jobs=1, max_members=None, memory_fraction=0.8, **_) -> None:
+    """The launcher's settings (hydra.launcher.*), checked by train.py's preflight before anything starts:
+    raises ConfigError in one line that names the value and what it takes."""
+    from minilm.errors import ConfigError
+
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not integer(n_jobs) or n_jobs < 1:
+        raise ConfigError(f"hydra.launcher.n_jobs={n_jobs!r} is not valid; pass an integer >= 1 (units trained at "
+                          f"once), e.g. hydra.launcher.n_jobs=2")
+    if max_members is not None and (not integer(max_members) or max_members < 1):
+        raise ConfigError(f"hydra.launcher.max_members={max_members!r} is not valid; pass an integer >= 1, or null "
+                          f"for as many as memory allows")
+    if isinstance(memory_fraction, bool) or not isinstance(memory_fraction, int | float) \
+            or not 0 < memory_fraction <= 1:
+        raise ConfigError(f"hydra.launcher.memory_fraction={memory_fraction!r} is not valid; pass a number in "
+                          f"(0, 1], e.g. hydra.launcher.memory_fraction=0.5")
+
+
 class EnsembleLauncher(Launcher):
     def __init__(self, max_members: int | None = None, memory_fraction: float = 0.8, n_jobs: int = 1) -> None:
-        if n_jobs < 1:
-            raise ValueError(f"hydra.launcher.n_jobs={n_jobs} is not valid; it must be >= 1")
-        if max_members is not None and max_members < 1:
-            raise ValueError(f"hydra.launcher.max_members={max_members} is not valid; it must be >= 1 or null")
-        if not 0 < memory_fraction <= 1:
-            raise ValueError(f"hydra.launcher.memory_fraction={memory_fraction} is not valid; it must be in (0, 1]")
+        check_settings(n_jobs, max_members, memory_fraction)
         self.max_members, self.memory_fraction, self.n_jobs = max_members, memory_fraction, n_jobs
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
