@@ -220,7 +220,7 @@ class StopSignals:
         if self.received is None:
             self.received = signum
             log.warning(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint "
-                        f"(Ctrl-C again to stop at once)")
+                        f"(under torchrun: at the next train.log_interval boundary; Ctrl-C again to stop at once)")
 
     @property
     def name(self) -> str | None:
