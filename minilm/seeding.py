@@ -18,7 +18,8 @@ def set_deterministic(enabled: bool) -> None:
     """Bitwise-reproducible kernels. Must run before CUDA initializes (cuBLAS reads the env var then)."""
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled)
+    if torch.are_deterministic_algorithms_enabled() != enabled:  # the call imports Inductor: a second or so
+        torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled
 

@@ -182,3 +182,22 @@ def test_weight_decay_is_coupled_to_the_learning_rate_or_independent_of_it(indep
         assert decay[1e-3] == pytest.approx(0.01, rel=1e-4) and decay[1e-2] == pytest.approx(0.01, rel=1e-4)
     else:  # AdamW's: lr x weight_decay
         assert decay[1e-3] == pytest.approx(1e-5, rel=0.02) and decay[1e-2] == pytest.approx(1e-4, rel=0.02)
+
+
+def test_deterministic_mode_follows_the_config_both_ways():
+    """deterministic=true turns on torch's deterministic algorithms (Inductor's too) and cuDNN's; false turns
+    them off again (the call is skipped only when nothing would change)."""
+    import torch._inductor.config as inductor_config
+
+    from minilm.seeding import set_deterministic
+
+    try:
+        set_deterministic(True)
+        assert torch.are_deterministic_algorithms_enabled() and inductor_config.deterministic
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        set_deterministic(True)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        set_deterministic(False)
+    assert not torch.are_deterministic_algorithms_enabled() and not inductor_config.deterministic
+    assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
