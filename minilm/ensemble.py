@@ -252,12 +252,10 @@ class Ensemble:
         texts = dict(zip(sampling, self._samples(sampling))) if sampling else {}
         for i in done:
             trainer = self.members[i]
-            if trainer in texts:  # drawn with the others' in one batched generation
-                trainer.sample = partial(str, texts[trainer])
             with self._own_rng(i):
                 trainer.flush_pending()
                 trainer._bar.close()
-                trainer.end_fit()
+                trainer.end_fit(texts.get(trainer))
             trainer.close()
         self.members = [t for i, t in enumerate(self.members) if i not in done]
         self.rngs = [r for i, r in enumerate(self.rngs) if i not in done]

@@ -517,12 +517,13 @@ class Trainer:
             self._flush(self._pending, self._first_step, self._window_start)
         self._pending, self._first_step, self._window_start = [], self.step, time.perf_counter()
 
-    def end_fit(self) -> dict:
-        """How the run ended, after its last step: the final evaluation and the summary."""
+    def end_fit(self, sample: str | None = None) -> dict:
+        """How the run ended, after its last step: the final evaluation and the summary. `sample`: the
+        end-of-run sample, when it was drawn already (an ensemble draws its members' together)."""
         outcome = self.outcome()
         if outcome == "completed" and self.val_loss is None:  # e.g. resumed from the final checkpoint
             self._evaluate_and_log(None)
-        return self._finish(outcome)
+        return self._finish(outcome, sample)
 
     def outcome(self) -> str:
         """How the run ends if it ends now."""
@@ -538,7 +539,7 @@ class Trainer:
             self.tracker.log({"val/loss": self.val_loss}, self.step)
         (bar.write if bar else log.info)(f"{self.log_prefix}step {self.step}: val/loss {self.val_loss:.4f}")
 
-    def _finish(self, outcome: str) -> dict:
+    def _finish(self, outcome: str, sample: str | None = None) -> dict:
         summary = {"outcome": outcome, "step": self.step, "max_steps": self.cfg.train.max_steps,
                    **self.divergence.summary(self.step), "val/loss": self.val_loss,
                    "val/best_loss": self.best_val_loss, "amp/skipped_steps": self.skipped_steps}
@@ -550,7 +551,7 @@ class Trainer:
         summary.update({**self.diagnostics.running_metrics(), **self.forensics.summary()})
         if self.is_main:
             if self.samples_at_end():
-                summary["sample"] = self.sample()
+                summary["sample"] = self.sample() if sample is None else sample
                 log.info("sample:\n" + summary["sample"])
             self.tracker.summary(summary)
         self.summary = summary

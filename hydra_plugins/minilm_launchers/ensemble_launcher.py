@@ -21,6 +21,7 @@ import multiprocessing
 import signal
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -191,14 +192,10 @@ class EnsembleLauncher(Launcher):
 
         returns, members, log_name = self._register(configs)
         # every member's train.log gets the ensemble's log (run_job left the last member's file handler)
-        handlers = _log_to(members[:-1], log_name)
         try:
-            with input_errors():
+            with _log_to(members[:-1], log_name), input_errors():
                 summaries = train_ensemble(members, label=f"{label} ")
         finally:
-            for handler in handlers:
-                logging.getLogger().removeHandler(handler)
-                handler.close()
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         for ret, summary in zip(returns, summaries):
             ret.return_value = job_result(summary)
@@ -210,8 +207,9 @@ def task_config(config: DictConfig) -> DictConfig:
     return OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
 
 
-def _log_to(members, log_name: str | None) -> list[logging.Handler]:
-    """A file handler on the root logger for each member's log file (`log_name` in its run dir)."""
+@contextmanager
+def _log_to(members, log_name: str | None):
+    """Inside, the root logger also writes to each member's log file (`log_name` in its run dir)."""
     handlers = []
     root = logging.getLogger()
     formatter = next((h.formatter for h in root.handlers if h.formatter), None)
@@ -220,7 +218,12 @@ def _log_to(members, log_name: str | None) -> list[logging.Handler]:
         handler.setFormatter(formatter or logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
         handlers.append(handler)
-    return handlers
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
 
 
 def _worker_setup(threads: int) -> None:
@@ -238,13 +241,8 @@ def _train_unit(members: list, log_name: str | None, label: str) -> list[dict]:
     from minilm.ensemble import train_ensemble
     from minilm.trainer import train
 
-    handlers = _log_to(members, log_name)
-    try:
+    with _log_to(members, log_name):
         if len(members) == 1:
             job = members[0]
             return [train(job.cfg, job.run_dir, job.overrides, choices=job.choices)]
         return train_ensemble(members, label=label)
-    finally:
-        for handler in handlers:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
