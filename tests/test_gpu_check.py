@@ -1,6 +1,6 @@
-"""scripts/gpu/gpu_check.sh: the dry run passes every section on CPU within the file limits of the
-device tool, a real part refuses to start without a complete wheel set, and the wheel check
-resolves what the carried wheels require."""
+"""scripts/gpu/gpu_check.sh: the dry run passes every section on CPU within the limits on what a part
+may write (8 files, 2 folders deep), a real part refuses to start without a complete wheel set, and the
+wheel check resolves what the carried wheels require."""
 
 import json
 import os
@@ -22,7 +22,7 @@ REQUIRED_SECTIONS = ["setup", "correctness", "collect-only gpu-marked tests", "b
                      "training: eager fp8", "setup", "sweep: lr_qknorm tiny",
                      "step: 7 runs alone, as an ensemble, folded", "training: tiny compiled",
                      "training: tiny CUDA graphs"]
-MAX_FILES, MAX_FOLDERS = 8, 2  # what the device tool brings back from $OUT
+MAX_FILES, MAX_FOLDERS = 8, 2  # what a part may leave in $OUT: what is collected from a GPU machine
 
 
 def gpu_check(args: list[str], out: Path, **env) -> subprocess.CompletedProcess:
@@ -54,6 +54,13 @@ def test_dry_run_passes_every_section_within_the_file_limits(tmp_path):
             assert len(path.relative_to(out).parts) - 1 <= MAX_FOLDERS, path
 
     part1, part2 = out / "part1", out / "part2"
+    # The dry run's caps are wider than the real run's, so a loaded CPU does not push toy sections past them.
+    script = (ROOT / "scripts" / "gpu" / "gpu_check.sh").read_text()
+    for log, name, call in [(part1 / "correctness.log", "correctness", "section correctness"),
+                            (part2 / "train.log", "training: compile layernorm", 'train_config "compile layernorm"')]:
+        real = re.search(rf"{re.escape(call)} (\d+) ", script)
+        dry = re.search(rf"^== {re.escape(name)}: .* \(cap (\d+) s\)$", log.read_text(), re.MULTILINE)
+        assert real and dry and int(dry[1]) > int(real[1]), (name, dry and dry[0], real and real[0])
     correctness = json.loads((part1 / "correctness.json").read_text())
     assert correctness["complete"] and correctness["cases"] and all(c["ok"] for c in correctness["cases"])
     assert {(c["norm"], c["dtype"], c["path"]) for c in correctness["cases"]} == {
