@@ -19,7 +19,7 @@ Every value stays a device tensor until the trainer's next metrics flush fetches
 once (`collect`), so sampling adds compute but no host synchronization.
 
 Per-step host bookkeeping over the logged values, always on (no device work): the loss and
-grad-norm spike scores and the clip fraction. Metric names are listed in README.md (METRICS).
+grad-norm spike scores and the clip fraction. Metric names are listed in docs/diagnostics.md (Metrics).
 """
 
 import math

@@ -12,7 +12,7 @@ writes no W&B files at all. W&B failures never stop training: if it cannot start
 falls back to offline with one warning, and if even that fails the run goes on with the
 local files alone. The log says which mode ran and, for an offline run, how to sync it.
 
-Metric names are slash-grouped and stable; see METRICS in README.md.
+Metric names are slash-grouped and stable; see docs/diagnostics.md (Metrics).
 """
 
 import json
