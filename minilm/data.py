@@ -13,8 +13,9 @@ split hashes: a file path or a row index) and `text`:
 A byte-level BPE tokenizer is trained on the train split with `tokenizers`, and
 both splits are tokenized (in parallel with `datasets.map(num_proc=...)`) into
 uint16/uint32 memmaps under a content fingerprint of corpus + settings. The
-cache records a checksum of every file in it; a corrupted or stale cache is
-rebuilt. A lock serializes building and publishing one cache, so concurrent
+cache records a checksum of every file in it, and what its meta.json says (the
+dtype, token counts, vocabulary size) must agree with those files; a corrupted
+or stale cache is rebuilt. A lock serializes building and publishing one cache, so concurrent
 jobs on a fresh cache wait for the first and share its result.
 
 Every problem with the data (a pattern matching no file, an unreadable or
@@ -240,8 +241,15 @@ class TokenData:
         return self.tokenizer.decode(list(ids))
 
 
+def _token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned integer that holds every token id."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
 def _cache_problem(directory: Path, fingerprint: str) -> str | None:
     """Why the cache in `directory` cannot be used, or None if every file in it is intact."""
+    from tokenizers import Tokenizer
+
     meta_path = directory / "meta.json"
     if not meta_path.exists():
         return "missing"
@@ -252,6 +260,13 @@ def _cache_problem(directory: Path, fingerprint: str) -> str | None:
         for name in CACHE_FILES:
             if _sha256(directory / name) != meta["sha256"][name]:
                 return f"corrupted ({name} checksum differs)"
+        # meta.json says how to read the files it checksums (a wrong dtype reads garbage ids): it must agree with them
+        vocab_size = Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab_size()
+        dtype = _token_dtype(vocab_size)
+        if meta["vocab_size"] != vocab_size or meta["dtype"] != dtype.name or any(
+                (directory / f"{split}.bin").stat().st_size != max(meta["tokens"][split], 1) * dtype.itemsize
+                for split in ("train", "val")):
+            return "corrupted (meta.json disagrees with the files it describes)"
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"corrupted ({type(err).__name__} reading it)"
     return None
@@ -296,7 +311,7 @@ def _build_cache(corpus, data_cfg, fingerprint: str, directory: Path, log) -> No
     train_ds, val_ds = corpus.select(train_idx), corpus.select(val_idx)
     tokenizer = train_tokenizer(_text_batches(train_ds), data_cfg.vocab_size)
     eos_id = tokenizer.token_to_id(EOS)
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
+    dtype = _token_dtype(tokenizer.get_vocab_size())
 
     def encode(batch):
         ids = [e.ids for e in tokenizer.encode_batch(batch["text"])]
@@ -304,7 +319,7 @@ def _build_cache(corpus, data_cfg, fingerprint: str, directory: Path, log) -> No
 
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=directory.parent))
     try:
-        meta = {"version": CACHE_VERSION, "fingerprint": fingerprint, "dtype": np.dtype(dtype).name, "tokens": {},
+        meta = {"version": CACHE_VERSION, "fingerprint": fingerprint, "dtype": dtype.name, "tokens": {},
                 "source": str(data_cfg.source), "vocab_size": tokenizer.get_vocab_size()}
         tokenized_dir = tmp / "tokenized"  # map's output, deleted before publishing; by default `datasets` would
         tokenized_dir.mkdir()              # write it next to the corpus's files: into the user's dataset dir

@@ -288,3 +288,17 @@ def test_a_corrupt_tokenizer_in_the_cache_is_rebuilt(tmp_path):
     assert any("tokenizer.json checksum differs" in m for m in messages)
     assert again.encode("def main():") == first.encode("def main():")
 
+
+@pytest.mark.parametrize("tamper", [{"dtype": "uint32"}, {"dtype": "int16"}, {"vocab_size": 70_000},
+                                    {"tokens": {"train": 1, "val": 1}}])
+def test_a_wrong_meta_json_is_detected_and_rebuilt(tmp_path, tamper):
+    """meta.json says how to read the token files: a wrong dtype would read garbage ids."""
+    cfg = data_cfg(tmp_path, source="text", files=[str(write_docs(tmp_path / "docs") / "*.txt")], max_files=None)
+    first = prepare_data(cfg.copy())
+    meta_path = first.cache_dir / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), **tamper}))
+    messages = []
+    again = prepare_data(cfg.copy(), log=messages.append)
+    assert any("corrupted (meta.json" in m for m in messages), messages
+    assert np.array_equal(np.array(again.train), np.array(first.train)) and again.train.dtype == np.uint16
+
