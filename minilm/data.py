@@ -15,8 +15,8 @@ both splits are tokenized (in parallel with `datasets.map(num_proc=...)`) into
 uint16/uint32 memmaps under a content fingerprint of corpus + settings. The
 cache records a checksum of every file in it, and what its meta.json says (the
 dtype, token counts, vocabulary size) must agree with those files; a corrupted
-or stale cache is rebuilt. A lock serializes building and publishing one cache, so concurrent
-jobs on a fresh cache wait for the first and share its result.
+or stale cache is rebuilt. A lock serializes building and publishing one cache,
+so concurrent jobs on a fresh cache wait for the first and share its result.
 
 Every problem with the data (a pattern matching no file, an unreadable or
 non-UTF-8 file under data.errors=strict, a broken local dataset, too little
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from minilm.checkpoint import free_bytes
+from minilm.config import PathsConfig
 from minilm.errors import DataError
 
 CACHE_VERSION = 2
@@ -353,7 +354,9 @@ def _corpus_bytes(corpus) -> int:
 
 
 def _cache_root(cache_dir: str) -> Path:
-    root = Path(os.path.expanduser(str(cache_dir))).resolve()
+    # empty (MINILM_CACHE= set but empty) means the default, as XDG reads an empty XDG_CACHE_HOME; "" resolves to
+    # the current directory, which would scatter caches wherever a run starts
+    root = Path(os.path.expanduser(str(cache_dir) or PathsConfig.cache_dir)).resolve()
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=root):

@@ -302,3 +302,18 @@ def test_a_wrong_meta_json_is_detected_and_rebuilt(tmp_path, tamper):
     assert any("corrupted (meta.json" in m for m in messages), messages
     assert np.array_equal(np.array(again.train), np.array(first.train)) and again.train.dtype == np.uint16
 
+
+def test_an_empty_minilm_cache_means_the_default_cache_dir(tmp_path, monkeypatch):
+    """MINILM_CACHE= (set, empty) is unset, as XDG treats an empty XDG_CACHE_HOME: not the current dir."""
+    from minilm.cli import compose
+
+    docs = write_docs(tmp_path / "docs")
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("MINILM_CACHE", "")
+    cfg = compose(["data=text", f"data.files=[{docs}/*.txt]", "data.vocab_size=300"])
+    data = prepare_data_in(cfg.data, cfg.paths.cache_dir, log=print)
+    assert data.cache_dir.parent == home / ".cache" / "minilm"
+    assert list(work.iterdir()) == []
