@@ -207,7 +207,7 @@ def test_hf_data_writes_only_under_the_cache_dir(tmp_path):
     home, cache = tmp_path / "home", tmp_path / "cache"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "XDG_CACHE_HOME"}
-    env.update(HOME=str(home), HF_DATASETS_OFFLINE="1")
+    env["HOME"] = str(home)
     script = (
         "import sys; from omegaconf import OmegaConf; from minilm.config import DataConfig; "
         "from minilm.data import prepare_data\n"
