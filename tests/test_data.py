@@ -305,7 +305,7 @@ def test_a_wrong_meta_json_is_detected_and_rebuilt(tmp_path, tamper):
 
 def test_an_empty_minilm_cache_means_the_default_cache_dir(tmp_path, monkeypatch):
     """MINILM_CACHE= (set, empty) is unset, as XDG treats an empty XDG_CACHE_HOME: not the current dir."""
-    from minilm.cli import compose
+    from minilm.launch.cli import compose
 
     docs = write_docs(tmp_path / "docs")
     work, home = tmp_path / "work", tmp_path / "home"
