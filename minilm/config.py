@@ -263,7 +263,7 @@ class DiagnosticsConfig:
     norm_probe: bool = False
 
 
-# The figures a study can ask its report for (minilm/analysis/report.py draws them).
+# The figures a study can ask its report for (minilm/analysis/figures.py draws them).
 FIGURES = ("loss_curves", "final_loss_vs_lr", "grad_norm_by_layer", "attn_logit_max", "attn_entropy", "logz",
            "fp16_scale", "update_rms", "norm_error", "numerics")
 

@@ -36,14 +36,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from minilm.analysis.runs import RunRecord, flatten, load_run
+from minilm.analysis.runs import RunRecord, load_run
 from minilm.config import resolve_device, validate
 from minilm.data import corpus_fingerprint, load_corpus
 from minilm.environment import environment_record, git_commit
 from minilm.errors import MinilmError, exit_on_input_error
 from minilm.launch.cli import compose, one_line
+from minilm.rundir import flatten, read_metrics
 from minilm.train.lifecycle import apply_revisions
-from minilm.train.tracking import read_metrics
 from minilm.train.trainer import Trainer
 
 EXIT_PASS, EXIT_FAIL = 0, 1

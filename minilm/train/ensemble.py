@@ -42,9 +42,9 @@ from torch.func import functional_call, vmap
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from minilm.analysis.runs import flatten
 from minilm.data import prepare_data
 from minilm.model import lm_loss
+from minilm.rundir import flatten
 from minilm.seeding import rng_state, set_rng_state, torch_rng_state
 from minilm.train.lifecycle import RunDir, StopSignals, plain
 from minilm.train.trainer import Trainer, compile_mode, samples

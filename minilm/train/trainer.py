@@ -47,13 +47,14 @@ from minilm.errors import EXIT_CODES, CheckpointError, DataError, MinilmError, R
 from minilm.model import GPT, generate, lm_loss
 from minilm.precision.bf16_pure import bytes_per_param
 from minilm.precision.policy import Precision
+from minilm.rundir import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE
 from minilm.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, torch_rng_state
 from minilm.train.diagnostics import Diagnostics, peak_memory_mb
 from minilm.train.divergence import DivergenceMonitor
 from minilm.train.forensics import Forensics
 from minilm.train.lifecycle import RunDir, StepScalars, StopSignals, check_architecture, check_resume, plain
 from minilm.train.numerics import NumericsCollector
-from minilm.train.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, Tracker
+from minilm.train.tracking import Tracker
 
 log = logging.getLogger("minilm")
 
