@@ -36,6 +36,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
 from minilm.analysis.runs import RunRecord, load_run
 from minilm.config import resolve_device, validate
 from minilm.data import corpus_fingerprint, load_corpus
@@ -239,4 +240,5 @@ def run(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`minilm-reproduce` / scripts/reproduce.py."""
+    cap_onednn_isa_if_amx_is_broken()  # before any bf16 matmul in this process
     return exit_on_input_error(run, argv)
