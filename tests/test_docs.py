@@ -314,3 +314,30 @@ def test_every_config_option_and_key_the_docs_name_exists():
                 if re.fullmatch(r"(model|norm|precision|data|optim|train|logger|diagnostics|paths|study)\.[a-z_.]+",
                                 key) and not re.search(r"\.(py|yaml|md|json|jsonl|pt|log|bin|csv|png)$", key):
                     assert schema_field(key) is not None, f"{page.relative_to(ROOT)}: `{word}`: no config key {key}"
+
+
+def classes() -> dict[str, set[str]]:
+    """Every class minilm defines and the names defined in its body."""
+    import ast
+
+    found = {}
+    for path in (ROOT / "minilm").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                names = {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+                names |= {t.id for n in node.body if isinstance(n, ast.Assign) for t in n.targets
+                          if isinstance(t, ast.Name)}
+                names |= {n.target.id for n in node.body if isinstance(n, ast.AnnAssign)
+                          and isinstance(n.target, ast.Name)}
+                found.setdefault(node.name, set()).update(names)
+    return found
+
+
+def test_every_method_the_docs_name_exists():
+    defined = classes()
+    assert "Trainer" in defined or "GPT" in defined
+    for page in PAGES:
+        for span in spans(page):
+            for cls, attr in re.findall(r"\b([A-Z]\w+)\.([a-z_]\w*)\b", span):
+                if cls in defined:
+                    assert attr in defined[cls], f"{page.relative_to(ROOT)}: `{span}`: {cls} has no {attr}"

@@ -1,6 +1,6 @@
-"""scripts/gpu/gpu_check.sh: the dry run passes every section on CPU within the limits on what a part
-may write (8 files, 2 folders deep), a real part refuses to start without a complete wheel set, and the
-wheel check resolves what the carried wheels require."""
+"""scripts/gpu/gpu_check.sh: the dry run passes every section on CPU within its file limits (8 files,
+2 folders per part), a real part refuses to start without a complete wheel set, and the wheel check
+resolves what the carried wheels require."""
 
 import json
 import os
@@ -24,7 +24,7 @@ REQUIRED_SECTIONS = ["setup", "correctness", "collect-only gpu-marked tests", "b
                      "training: tiny CUDA graphs"]
 # The dry run ends within part 1's 600 s deadline, run beside parts 2 and 3 (600 s each, one after the other).
 DRY_RUN_BOUND_S = 600 + 600 + 60
-MAX_FILES, MAX_FOLDERS = 8, 2  # what a part may leave in $OUT: what is collected from a GPU machine
+MAX_FILES, MAX_FOLDERS = 8, 2  # what a part may write under $OUT
 
 
 def gpu_check(args: list[str], out: Path, **env) -> subprocess.CompletedProcess:
