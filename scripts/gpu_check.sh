@@ -23,8 +23,9 @@
 # GPU (no GPU figure has been measured yet): Triton compiles are about 1 s per kernel
 # specialization, Inductor 40-90 s for GPT-2 small, a few seconds for one norm.
 #   part 1: setup ~15 s (install, import check) | correctness 90 (~40 kernel specializations per
-#           norm and dtype, 6 processes) | GPU-marked tests 35 (kernels cached by then) | bandwidth 100
-#           (20 shapes x 4 implementations compiled in 10 processes, then 160 CUDA-graph timings)
+#           dtype for LayerNorm and RMSNorm, fewer for DyT's one path; 9 processes, one per norm and
+#           dtype) | GPU-marked tests 35 (kernels cached by then) | bandwidth 100 (25 shapes x 4
+#           implementations compiled in 10 processes, then 200 CUDA-graph timings; DyT in bf16 only)
 #           | precision 60 (data preparation ~10 s, then 2 x 200 steps of model=small, eager)
 #           | optional, with what is left: Triton tests on the GPU, compute-sanitizer memcheck
 #   part 2: setup ~15 s | compiled, torch LayerNorm, diagnostics on vs off: 110 (~60 s compilation,

@@ -122,3 +122,17 @@ def test_dyt_is_gamma_tanh_alpha_x_plus_beta_with_its_configured_alpha():
     assert model.blocks[0].norm_attn.bias is not None and GPT(
         ModelConfig(n_layer=1, n_head=2, d_model=32, block_size=16, bias=False), NormConfig(kind="dyt"), 64
     ).norm_f.bias is None  # DyT's beta follows model.bias, as LayerNorm's
+
+
+@pytest.mark.parametrize("kind", ["dyt", "triton_dyt"])
+def test_dyt_model_compiles_without_graph_breaks(kind):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=32, block_size=16, qk_norm=True), NormConfig(kind=kind), 64)
+    idx = torch.randint(0, 64, (2, 16))
+    eager = model(idx)
+    eager_grads = torch.autograd.grad(eager.square().sum(), list(model.parameters()))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(idx)  # fails on any graph break
+    grads = torch.autograd.grad(compiled.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for a, e in zip(grads, eager_grads):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
