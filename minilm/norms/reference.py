@@ -1,5 +1,5 @@
 """Float64 truth and tolerances for the Triton norms, shared by tests/test_triton_norms.py and the
-GPU check's kernel sweep (scripts/gpu_correctness.py), so both hold the kernels to one standard.
+GPU check's kernel sweep (scripts/gpu/gpu_correctness.py), so both hold the kernels to one standard.
 
 `norm` here is "layernorm", "rmsnorm" or "dyt" (the torch kinds the Triton ones replace). DyT's
 alpha is the learnable scalar DYT_ALPHA, in the parameters' dtype, and its gradient the fifth output.
