@@ -41,6 +41,7 @@ WHEELS=${WHEEL_DIR:-.whl}  # WHEEL_DIR: another folder (the tests use it)
 PY=${PYTHON:-python3}      # the device image's python3 holds torch; PYTHON: another interpreter
 SITE=/tmp/minilm-site
 MODE=${1:-}
+DRY_RUN_CAP_FACTOR=3  # the dry run's caps: interpreted kernels on a shared CPU; its parts' deadlines still bound them
 
 fetch() {
     rm -rf "$WHEELS" && mkdir -p "$WHEELS"
@@ -68,12 +69,13 @@ record() {
     esac
 }
 
-# section NAME CAP LOG COMMAND...: COMMAND with at most CAP seconds (fewer if the part's deadline is
-# nearer), stdout and stderr appended straight to LOG. Exit 0 is PASS, 3 is SKIP (the section's last
+# section NAME CAP LOG COMMAND...: COMMAND with at most CAP seconds (DRY_RUN_CAP_FACTOR times that in a
+# dry run; fewer if the part's deadline is nearer), stdout and stderr appended straight to LOG. Exit 0 is PASS, 3 is SKIP (the section's last
 # line says why), anything else FAIL; killed at the cap: FAIL (SKIP for an optional section).
 section() {
     local name=$1 cap=$2 log=$3
     shift 3
+    ((DRY_RUN == 1)) && cap=$((cap * DRY_RUN_CAP_FACTOR))  # a slow or busy CI machine is not a failure
     local left=$((DEADLINE - SECONDS))
     ((cap > left)) && cap=$left
     if ((cap < 10)); then
