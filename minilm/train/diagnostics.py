@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from minilm.norms import float64_norm, norm_spec
+from minilm.norms.dyt import dyt
 from minilm.rundir import PROBE_MEANS
 
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
@@ -91,23 +92,28 @@ def norm_probe_errors(norm: nn.Module, kind: str, width: int, dtype: torch.dtype
     """Relative RMS errors of `norm` on probe rows given in `dtype` under `autocast`, against the float64
     normalization of the exact rows: `norm_error/<centred|offset>/<std>` with eps = 0 (what normalizing
     should give: eps's bias counts as error) and `norm_rounding_error/...` with the norm's own eps (the
-    arithmetic alone). Its own generator: the training RNG is untouched."""
+    arithmetic alone). DyT normalizes nothing, so it has no `norm_error`; its `norm_rounding_error` is
+    against float64 DyT with its own alpha. Its own generator: the training RNG is untouched."""
     z = torch.randn(PROBE_ROWS, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     z = (z - z.mean(-1, keepdim=True)) / z.std(-1, correction=0, keepdim=True)
-    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    weight, bias = (None if p is None else p.double().cpu() for p in (norm.weight, getattr(norm, "bias", None)))
+    twin = norm_spec(kind).twin
+    if twin == "dyt":
+        truths = {"norm_rounding_error": lambda x: dyt(x, norm.alpha.double().cpu(), weight, bias)}
+    else:
+        def exact(x, eps):
+            y = float64_norm(twin, x, eps)[0]
+            return y if weight is None else y * weight + (0.0 if bias is None else bias)
 
-    def exact(x, eps):
-        y = float64_norm(norm_spec(kind).twin, x, eps)[0]
-        return y if weight is None else y * weight.double().cpu() + (0.0 if bias is None else bias.double().cpu())
-
+        truths = {"norm_error": lambda x: exact(x, 0.0), "norm_rounding_error": lambda x: exact(x, norm.eps)}
     errors = {}
     for family, mean in PROBE_MEANS.items():
         for std in PROBE_STDS:
             x = mean + std * z
             with autocast:
                 y = norm(x.to(device, dtype)).double().cpu()
-            for name, eps in (("norm_error", 0.0), ("norm_rounding_error", norm.eps)):
-                truth = exact(x, eps)
+            for name, exact_of in truths.items():
+                truth = exact_of(x)
                 errors[f"{name}/{family}/{std:.0e}"] = (y - truth).norm() / truth.norm()
     return errors
 
