@@ -3,6 +3,7 @@ codes that tell the truth, sweeps safe to rerun, W&B by its own conventions."""
 
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -160,13 +161,69 @@ def test_a_spike_that_comes_back_is_counted_not_a_divergence(tmp_path):
     assert summary["spikes"] == [{"step": 2, "peak": pytest.approx(line + 3), "steps_above": 2, "recovered": True}]
 
 
-def test_a_one_step_run_never_diverges_on_a_high_loss_at_init(tmp_path):
-    trainer = make_trainer(["train.max_steps=1", "train.divergence_margin=0"], tmp_path)
+def test_a_one_step_run_completes_at_the_loss_at_init_and_diverges_only_above_the_line(tmp_path):
+    summary = make_trainer(["train.max_steps=1"], tmp_path / "default").fit()
+    assert not summary["diverged"] and summary["outcome"] == "completed"  # the margin covers the loss at init
+    trainer = make_trainer(["train.max_steps=1"], tmp_path / "low")
     trainer.divergence.threshold = 0.0  # every loss is above this line
     summary = trainer.fit()
     trainer.close()
-    assert not summary["diverged"] and summary["outcome"] == "completed"
-    assert summary["spikes"][0]["recovered"] is False
+    assert summary["outcome"] == "diverged" and summary["diverged_at_step"] == 1
+    assert summary["divergence_reason"] == "its loss ended above the line" and summary["spikes"] == []
+
+
+@pytest.mark.slow
+def test_a_run_that_never_learned_ends_diverged_with_its_last_healthy_step(tmp_path):
+    """optim.lr=1e4: above the line from step 2 on, and most updates skipped; 39 steps above the line are
+    fewer than train.divergence_window's 50, but the run ends above the line, so it did not complete."""
+    rows = run_training(["optim.lr=1e4", "train.max_steps=40"], tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    line = summary["divergence_line"]
+    assert all(loss > line for loss in losses(rows)[1:])  # the reproduction: never back under the line
+    assert summary["outcome"] == "diverged" and summary["diverged"] and summary["step"] == 40
+    assert summary["diverged_at_step"] == 2 and summary["divergence_confirmed_at_step"] == 40
+    assert summary["divergence_reason"] == "its loss ended above the line"
+    skipped = [r["step"] for r in rows if "train/loss" in r and not math.isfinite(float(r["optim/grad_norm"]))]
+    assert len(skipped) > 20 and summary["optim/skipped_updates"] == len(skipped)  # fp32 counts them too
+    assert [r["optim/skipped_updates"] for r in rows if "train/loss" in r][-1] == len(skipped)
+    assert summary["last_healthy/step"] == 1
+    assert math.isfinite(float(summary["last_healthy/optim/grad_norm"])) and summary["last_healthy/train/loss"] < line
+    assert (tmp_path / "checkpoints" / "diverged.pt").exists()
+
+
+@pytest.mark.slow
+def test_last_healthy_is_a_finite_step_below_the_line(tmp_path):
+    """optim.lr=10, 30 steps: the loss goes far above the line and stays; last_healthy is not the last step."""
+    run_training(["optim.lr=10", "train.max_steps=30"], tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["outcome"] == "diverged" and summary["divergence_reason"] == "its loss ended above the line"
+    assert summary["last_healthy/step"] < summary["diverged_at_step"]
+    assert math.isfinite(float(summary["last_healthy/optim/grad_norm"]))
+    assert summary["last_healthy/train/loss"] <= summary["divergence_line"]
+
+
+@pytest.mark.parametrize("poisoned, outcome", [({2, 3, 4}, "diverged"), ({2, 4}, "completed")])
+def test_a_run_whose_updates_were_mostly_skipped_did_not_complete(poisoned, outcome, tmp_path):
+    """Non-finite gradients at the steps `poisoned` of 4: every such update is skipped (fp32: counted too);
+    more than half skipped is a divergence, even with the loss below the line; half is not."""
+    trainer = make_trainer(["train.max_steps=4"], tmp_path)
+    calls = {"n": 0}
+
+    def poison(grad):
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] in poisoned else grad
+
+    trainer.model.blocks[0].attn.qkv.weight.register_hook(poison)
+    summary = trainer.fit()
+    trainer.close()
+    assert summary["outcome"] == outcome and summary["optim/skipped_updates"] == len(poisoned)
+    assert max(losses(read_metrics(tmp_path))) < summary["divergence_line"]
+    if outcome == "diverged":
+        assert summary["diverged_at_step"] == 2 and summary["divergence_reason"] == (
+            "3 of its 4 updates were skipped (non-finite gradients)")
+        assert summary["last_healthy/step"] == 1
+    else:
+        assert not summary["diverged"] and summary["last_healthy/step"] == 3
 
 
 @pytest.mark.slow
