@@ -310,13 +310,14 @@ def _hydra_main(cfg) -> float:
 def main() -> None:
     """train.py and `minilm-train`: preflight every job, run them, exit with the outcome's code."""
     cap_onednn_isa_if_amx_is_broken()  # before any bf16 matmul in this process
-    error = preflight(sys.argv[1:])
-    if error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(EXIT_INPUT_ERROR)
     try:
+        error = preflight(sys.argv[1:])
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(EXIT_INPUT_ERROR)
         _hydra_main()
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
-        print("interrupted: stopped at once (a second Ctrl-C); resume from the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as stop:  # Ctrl-C before the run, a second one, or a signal outside the steps
+        print(f"interrupted ({stop or 'SIGINT'}): stopped at once; run the same command to resume from the last "
+              f"checkpoint, or to start if none was written", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(_exit_code)

@@ -7,7 +7,9 @@
     StepScalars   each step's loss and gradient norm on the host, one step late, without draining
                   the device queue: what divergence detection and forensics read.
     StopSignals   SIGINT / SIGTERM / SIGUSR1 ask the run to stop after its step (checkpoint,
-                  summary, W&B finished); a second SIGINT stops it at once.
+                  summary, W&B finished); a second SIGINT stops it at once, and so does any of them
+                  outside the training steps (data preparation, setup, the end of the run), where
+                  there is no step to finish: `Interrupted`, which the entry point ends with exit 75.
 """
 
 import contextlib
@@ -205,18 +207,27 @@ class StepScalars:
         return step, loss, grad_norm
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal that stops the process at once; its message is the signal's name."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+
+
 class StopSignals:
-    """Install handlers (main thread only) so that a signal asks the run to stop after its current step."""
+    """Install handlers (main thread only) so that a signal asks the run to stop after its current step;
+    `at_once`: so that it raises Interrupted at once (outside the training steps)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self, at_once: bool = False):
         self.received: int | None = None
+        self.at_once = at_once
         self._previous: dict = {}
 
     def _handle(self, signum, _frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop at once
+        if self.at_once or (self.received is not None and signum == signal.SIGINT):
+            raise Interrupted(signum)  # nothing to finish, or the second Ctrl-C
         if self.received is None:
             self.received = signum
             log.warning(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint "

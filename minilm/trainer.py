@@ -650,18 +650,21 @@ def train(cfg, run_dir: Path, overrides: list[str] = (), choices: dict | None = 
         log.info(f"{run_dir} already finished (outcome {finished['outcome']} at step {finished['step']}); not "
                  f"training it again (train.resume=none archives it and trains again)")
         return finished
-    trainer = Trainer(cfg, run_dir, overrides, choices)
-    distributed = trainer.world_size > 1
-    try:
-        return trainer.fit()
-    except BaseException as error:
-        trainer.fail(error)
-        raise
-    finally:
-        trainer.close()
-        # DDP's reducer holds the process group: destroying the group while the reducer is
-        # alive makes its later destructor wait forever on gloo's threads.
-        del trainer
-        gc.collect()
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    # A stop signal during data preparation, setup or the end of the run stops at once (exit 75); during
+    # the steps, fit's own handlers stop after the step with a checkpoint.
+    with StopSignals(at_once=True):
+        trainer = Trainer(cfg, run_dir, overrides, choices)
+        distributed = trainer.world_size > 1
+        try:
+            return trainer.fit()
+        except BaseException as error:
+            trainer.fail(error)
+            raise
+        finally:
+            trainer.close()
+            # DDP's reducer holds the process group: destroying the group while the reducer is
+            # alive makes its later destructor wait forever on gloo's threads.
+            del trainer
+            gc.collect()
+            if distributed and dist.is_initialized():
+                dist.destroy_process_group()

@@ -227,6 +227,37 @@ def test_a_run_whose_updates_were_mostly_skipped_did_not_complete(poisoned, outc
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_a_stop_signal_during_data_preparation_ends_interrupted_in_one_line(sig, tmp_path):
+    """The token cache's lock is held here, so train.py waits inside data preparation when the signal comes."""
+    import fcntl
+
+    from minilm.data import corpus_fingerprint, load_corpus
+
+    data_cfg = compose(with_tiny([])).data
+    fingerprint = corpus_fingerprint(load_corpus(data_cfg), data_cfg)
+    lock_path = Path(os.environ["MINILM_CACHE"]) / f"{data_cfg.source}-{fingerprint[:16]}.lock"
+    command = train_command(["train.max_steps=1"], tmp_path)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            if "waiting for another process building the token cache" in line:
+                process.send_signal(sig)
+                break
+        output = "".join(seen) + process.stdout.read()
+        process.wait(timeout=120)
+    assert process.returncode == EXIT_INTERRUPTED, output[-2000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-2000:]
+    assert output.strip().splitlines()[-1].startswith(f"interrupted ({signal.Signals(sig).name}): stopped at once")
+    assert not (tmp_path / "checkpoints").exists()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)  # the same command trains
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_sigint_checkpoints_writes_the_summary_and_finishes_wandb(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline"}
     process = subprocess.Popen(train_command(["train.max_steps=4000", "logger=wandb", "logger.mode=offline"],
