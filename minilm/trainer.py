@@ -261,7 +261,7 @@ class Trainer:
             "scaler": self.precision.state_dict(), "sampler": self.sampler.state_dict(), "rng": rngs,
             "skipped_updates": self.skipped_updates, "wandb_id": self.tracker.wandb_id if self.tracker else None,
             "diagnostics": self.diagnostics.state_dict(), "divergence": self.divergence.state_dict(),
-            "last_healthy": self.last_healthy, "best_val_loss": self.best_val_loss,
+            "last_healthy": self.last_healthy, "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
             "data_fingerprint": self.data.fingerprint, "config": plain(self.cfg),
         }
 
@@ -276,6 +276,8 @@ class Trainer:
         self.diagnostics.load_state_dict(state["diagnostics"])
         self.divergence.load_state_dict(state["divergence"])
         self.last_healthy, self.best_val_loss = state["last_healthy"], state["best_val_loss"]
+        # the final checkpoint's val loss is logged already: a resume that only ends the run must not log it again
+        self.val_loss = state.get("val_loss")
         rngs = state["rng"]
         set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
 

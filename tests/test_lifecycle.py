@@ -411,3 +411,22 @@ def test_data_parallel_ranks_agree_on_a_stop_at_flush_boundaries_only(tmp_path, 
     assert agreed_at == [5, 10]
     assert summary["outcome"] == "interrupted" and summary["step"] == 10
     assert checkpoint.load(tmp_path / "checkpoints" / checkpoint.LAST)["step"] == 10
+
+
+def test_a_kill_during_the_end_of_run_sample_resumes_without_a_second_val_row(tmp_path, monkeypatch):
+    overrides = ["train.max_steps=3", "train.sample_tokens=4", "train.eval_interval=2"]
+
+    def killed(self):
+        raise KeyboardInterrupt  # as a kill -9 there would: the final checkpoint and val row are written
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "sample", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(overrides, tmp_path)
+    assert checkpoint.load(tmp_path / "checkpoints" / checkpoint.LAST)["step"] == 3
+    rows = run_training(overrides, tmp_path)
+    val_rows = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
+    assert [step for step, _ in val_rows] == [2, 3]  # each once
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["outcome"] == "completed" and summary["val/loss"] == val_rows[-1][1] and summary["sample"]
+    assert train_steps(rows) == [1, 2, 3]
