@@ -544,7 +544,7 @@ class Trainer:
 
     def outcome(self) -> str:
         """How the run ends if it ends now; at max_steps, after the end-of-run divergence rules
-        (minilm/divergence.py judge_end), which a run that trained on past a divergence has met already."""
+        (minilm/train/divergence.py judge_end), which a run that trained on past a divergence has met already."""
         monitor = self.divergence
         if self._outcome == "completed" and monitor.judge_end(self.step, self.skipped_updates):
             self._forget_healthy_from(monitor.diverged_at)
