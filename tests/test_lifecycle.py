@@ -434,3 +434,23 @@ def test_a_kill_during_the_end_of_run_sample_resumes_without_a_second_val_row(tm
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["outcome"] == "completed" and summary["val/loss"] == val_rows[-1][1] and summary["sample"]
     assert train_steps(rows) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_finished_run_says_how_to_extend_it_and_that_command_works(tmp_path, caplog):
+    first, extended = tmp_path / "first", tmp_path / "extended"
+    base = ["optim.warmup_steps=0"]
+    rows = run_training([*base, "train.max_steps=3"], first)
+    with caplog.at_level(logging.INFO, logger="minilm"):
+        again = train(compose(with_tiny([*base, "train.max_steps=3"])), first)
+    assert again["outcome"] == "completed" and read_metrics(first) == rows  # not trained again
+    message = next(r.getMessage() for r in caplog.records if "already finished" in r.getMessage())
+    told = message.split("more steps: ")[1].split(" (N > 3, NEW_DIR a new dir)")[0].split()
+    assert told[0] == f"train.resume={first}" and told[-1] == "hydra.run.dir=NEW_DIR"
+    command = [o.replace("=N", "=5") for o in told[:-1]]  # as a user fills it in (hydra.run.dir: `extended`)
+    run_training([*base, *command], extended)
+    summary = json.loads((extended / "summary.json").read_text())
+    assert summary["outcome"] == "completed" and summary["step"] == 5
+    assert train_steps(read_metrics(extended)) == [4, 5]  # it went on from the checkpoint at step 3
+    assert json.loads((extended / "environment.json").read_text())["resumed_from"]["step"] == 3
+    assert read_metrics(first) == rows  # the finished run is untouched

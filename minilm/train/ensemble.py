@@ -270,10 +270,10 @@ def train_ensemble(jobs: list[MemberJob], label: str = "") -> list[dict]:
     summaries: list[dict | None] = [None] * len(jobs)
     todo = []
     for i, job in enumerate(jobs):
-        finished = RunDir(job.run_dir).finished_summary(job.cfg)
+        run = RunDir(job.run_dir)
+        finished = run.finished_summary(job.cfg)
         if finished is not None:
-            log.info(f"{job.run_dir} already finished (outcome {finished['outcome']} at step {finished['step']}); "
-                     f"not training it again")
+            log.info(run.finished_message(finished))
             summaries[i] = finished
         else:
             todo.append(i)

@@ -138,6 +138,14 @@ class RunDir:
                               f"another hydra.run.dir, or train.resume=none to archive it and train this one")
         return summary
 
+    def finished_message(self, summary: dict) -> str:
+        """What to tell a user who runs a finished run again: it is not trained again, and how to go on."""
+        return (f"{self.path} already finished (outcome {summary['outcome']} at step {summary['step']}); not "
+                f"training it again. To train it further, start a new run dir from its last checkpoint with "
+                f"more steps: train.resume={self.path} train.max_steps=N train.allow_config_change=true "
+                f"hydra.run.dir=NEW_DIR (N > {summary['step']}, NEW_DIR a new dir); train.resume=none archives "
+                f"it and trains again from scratch")
+
     def archive(self) -> Path | None:
         """Move an earlier run's files into archive/<time>/ (nothing is deleted); None if there were none."""
         present = [name for name in RUN_FILES if (self.path / name).exists()]

@@ -647,10 +647,10 @@ def samples(trainers: list[Trainer], forward) -> list[str]:
 def train(cfg, run_dir: Path, overrides: list[str] = (), choices: dict | None = None) -> dict:
     """Train one run in `run_dir` and return its summary; a run that already finished there is not
     trained again (its summary is returned)."""
-    finished = RunDir(run_dir).finished_summary(cfg)
+    run = RunDir(run_dir)
+    finished = run.finished_summary(cfg)
     if finished is not None:
-        log.info(f"{run_dir} already finished (outcome {finished['outcome']} at step {finished['step']}); not "
-                 f"training it again (train.resume=none archives it and trains again)")
+        log.info(run.finished_message(finished))
         return finished
     # A stop signal during data preparation, setup or the end of the run stops at once (exit 75); during
     # the steps, fit's own handlers stop after the step with a checkpoint.
