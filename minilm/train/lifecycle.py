@@ -24,8 +24,8 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from minilm.analysis.runs import REVISIONS_FILE, flatten
 from minilm.errors import ConfigError, RunDirError
+from minilm.rundir import REVISIONS_FILE, flatten
 
 log = logging.getLogger("minilm")
 FINISHED = ("completed", "diverged")
@@ -127,8 +127,9 @@ class RunDir:
         return (self._read("environment.json", json.loads) or {}).get("wandb_run_id")
 
     def finished_summary(self, cfg) -> dict | None:
-        """The summary of a run that already finished here with this config; None when there is work to do.
-        A finished run with a different config is refused: it is another run."""
+        """The summary of a run that already finished here with this config, which is then not trained again
+        (the log says so); None when there is work to do. A finished run with a different config is refused:
+        it is another run."""
         summary = self.summary()
         if not summary or summary.get("outcome") not in FINISHED or str(cfg.train.resume) != "auto":
             return None
@@ -136,15 +137,12 @@ class RunDir:
         if changes:
             raise RunDirError(f"{self.path} holds a finished run with another config ({describe(changes)}); use "
                               f"another hydra.run.dir, or train.resume=none to archive it and train this one")
+        log.info(f"{self.path} already finished (outcome {summary['outcome']} at step {summary['step']}); not "
+                 f"training it again. To train it further, start a new run dir from its last checkpoint with "
+                 f"more steps: train.resume={self.path} train.max_steps=N train.allow_config_change=true "
+                 f"hydra.run.dir=NEW_DIR (N > {summary['step']}, NEW_DIR a new dir); train.resume=none archives "
+                 f"it and trains again from scratch")
         return summary
-
-    def finished_message(self, summary: dict) -> str:
-        """What to tell a user who runs a finished run again: it is not trained again, and how to go on."""
-        return (f"{self.path} already finished (outcome {summary['outcome']} at step {summary['step']}); not "
-                f"training it again. To train it further, start a new run dir from its last checkpoint with "
-                f"more steps: train.resume={self.path} train.max_steps=N train.allow_config_change=true "
-                f"hydra.run.dir=NEW_DIR (N > {summary['step']}, NEW_DIR a new dir); train.resume=none archives "
-                f"it and trains again from scratch")
 
     def archive(self) -> Path | None:
         """Move an earlier run's files into archive/<time>/ (nothing is deleted); None if there were none."""
