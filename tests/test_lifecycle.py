@@ -239,9 +239,10 @@ def test_a_stop_signal_during_data_preparation_ends_interrupted_in_one_line(sig,
 
     from minilm.data import corpus_fingerprint, load_corpus
 
-    data_cfg = compose(with_tiny([])).data
-    fingerprint = corpus_fingerprint(load_corpus(data_cfg), data_cfg)
-    lock_path = Path(os.environ["MINILM_CACHE"]) / f"{data_cfg.source}-{fingerprint[:16]}.lock"
+    cfg = compose(with_tiny([]))
+    data_cfg, cache_dir = cfg.data, cfg.paths.cache_dir
+    fingerprint = corpus_fingerprint(load_corpus(data_cfg, cache_dir), data_cfg)
+    lock_path = Path(cache_dir) / f"{data_cfg.source}-{fingerprint[:16]}.lock"
     command = train_command(["train.max_steps=1"], tmp_path)
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
