@@ -393,7 +393,7 @@ def resolve_device(name: str):
 
 def check_runnable(cfg, device) -> None:
     """What this machine and software must offer for the config: the norm kind's kernels, fp8's torchao."""
-    from minilm.norms.availability import norm_unavailable_reason
+    from minilm.norms import norm_unavailable_reason
 
     reason = norm_unavailable_reason(str(cfg.norm.kind), device.type)
     if reason:

@@ -95,7 +95,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, norm_cfg: NormConfig, vocab_size: int):
         super().__init__()
-        self.cfg, self.vocab_size = cfg, vocab_size
+        self.cfg, self.norm_cfg, self.vocab_size = cfg, norm_cfg, vocab_size
         # LayerNorm's bias follows model.bias, like the linears'
         norm = partial(build_norm, str(norm_cfg.kind), eps=norm_cfg.eps, affine=norm_cfg.affine, bias=cfg.bias)
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)

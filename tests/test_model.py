@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
-from minilm.config import ModelConfig, NormConfig
+from minilm.config import ModelConfig, NormConfig, NormKind
 from minilm.model import GPT, lm_loss
-from minilm.norms import NORM_KINDS, build_norm
-from minilm.norms.availability import norm_unavailable_reason
+from minilm.norms import NORM_KINDS, NORMS, build_norm, norm_unavailable_reason
 
 
 def model(norm_kind="layernorm", **kwargs):
@@ -54,6 +53,16 @@ def test_post_norm_block_output_is_normalized():
 def test_registry_norms_keep_the_input_dtype(kind, dtype):
     norm = build_norm(kind, 32)
     assert norm(torch.randn(3, 32, dtype=dtype)).dtype == dtype
+
+
+def test_the_registry_has_one_row_per_norm_choice_and_torch_twins():
+    assert set(NORMS) == {kind.value for kind in NormKind}  # a new kind: a row of NORMS and a NormKind value
+    for kind, spec in NORMS.items():
+        assert not NORMS[spec.twin].triton and (spec.twin == kind) is (not spec.triton)
+
+
+def test_the_model_keeps_its_norm_spec():
+    assert str(model(norm_kind="rmsnorm").norm_cfg.kind) == "rmsnorm"
 
 
 def test_unknown_norm_kind_names_the_choices():

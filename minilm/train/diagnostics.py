@@ -30,6 +30,7 @@ from collections import deque
 import torch
 from torch import nn
 
+from minilm.norms import float64_norm, norm_spec
 from minilm.rundir import PROBE_MEANS
 
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
@@ -91,14 +92,12 @@ def norm_probe_errors(norm: nn.Module, kind: str, width: int, dtype: torch.dtype
     normalization of the exact rows: `norm_error/<centred|offset>/<std>` with eps = 0 (what normalizing
     should give: eps's bias counts as error) and `norm_rounding_error/...` with the norm's own eps (the
     arithmetic alone). Its own generator: the training RNG is untouched."""
-    from minilm.norms import float64_norm
-
     z = torch.randn(PROBE_ROWS, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     z = (z - z.mean(-1, keepdim=True)) / z.std(-1, correction=0, keepdim=True)
     weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
 
     def exact(x, eps):
-        y = float64_norm(kind.removeprefix("triton_"), x, eps)[0]
+        y = float64_norm(norm_spec(kind).twin, x, eps)[0]
         return y if weight is None else y * weight.double().cpu() + (0.0 if bias is None else bias.double().cpu())
 
     errors = {}
@@ -156,10 +155,10 @@ class SpikeScore:
 
 
 class Diagnostics:
-    def __init__(self, model: nn.Module, precision, diag_cfg, enabled: bool = True, norm_kind: str = "layernorm"):
+    def __init__(self, model: nn.Module, precision, diag_cfg, enabled: bool = True):
         self.model, self.precision = model, precision
         self.interval = diag_cfg.interval if enabled else 0
-        self.norm_kind, self.norm_probe = norm_kind, diag_cfg.norm_probe
+        self.norm_probe = diag_cfg.norm_probe
         self.groups: dict[str, list[nn.Parameter]] = {}
         for name, p in model.named_parameters():  # tied weights appear once
             self.groups.setdefault(param_group(name), []).append(p)
@@ -252,8 +251,8 @@ class Diagnostics:
                       "amp/overflow_activations": torch.stack(overflow).sum()})
         if self.norm_probe:
             dtype = self.precision.autocast_dtype or torch.float32
-            errors = norm_probe_errors(self.model.blocks[0].norm_attn, self.norm_kind, self.model.cfg.d_model, dtype,
-                                       self.precision.autocast(), x.device)
+            errors = norm_probe_errors(self.model.blocks[0].norm_attn, str(self.model.norm_cfg.kind),
+                                       self.model.cfg.d_model, dtype, self.precision.autocast(), x.device)
             stats.update({f"diag/{name}": error for name, error in errors.items()})
         self.record(step, stats)
 
