@@ -65,7 +65,7 @@ def test_dry_run_passes_every_section_within_the_file_limits(tmp_path):
     assert correctness["complete"] and correctness["cases"] and all(c["ok"] for c in correctness["cases"])
     assert {(c["norm"], c["dtype"], c["path"]) for c in correctness["cases"]} == {
         (n, d, p) for n in ("layernorm", "rmsnorm") for d in ("float32", "float16", "bfloat16")
-        for p in ("fused", "looped")}
+        for p in ("fused", "looped")} | {("dyt", d, "fused") for d in ("float32", "float16", "bfloat16")}
     norms = json.loads((part1 / "bench_norms.json").read_text())
     ours = [r for r in norms["results"] if r["impl"] == "triton"]
     assert ours and all(r["us"] > 0 and "error" not in r for r in ours)
