@@ -11,7 +11,7 @@ exits with the code of the most severe outcome (minilm/errors.py).
 import itertools
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import fields, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -307,6 +307,22 @@ def _hydra_main(cfg) -> float:
     return job_result(summary)
 
 
+def run_dir_lock(argv: list[str]):
+    """The run dir lock of a single run whose hydra.run.dir is a plain path, to take before Hydra writes
+    .hydra/ there (train() takes it again, re-entrantly); nothing for a sweep, a rank other than 0, or a dir
+    whose name is only known once Hydra resolves it (a timestamp: train() locks it)."""
+    if any(arg in _HYDRA_FLAGS for arg in argv) or int(os.environ.get("RANK", "0")) != 0:
+        return nullcontext()
+    given = [o for o in _parse(argv) if o.key_or_group == "hydra.run.dir"]
+    path = str(given[-1].value()) if given else ""
+    if not path or "${" in path:
+        return nullcontext()
+    from minilm.lifecycle import RunDirLock
+
+    wait = compose([a for a in argv if not a.startswith("hydra.")]).train.wait_for_run_dir
+    return RunDirLock(Path(path), wait=wait)
+
+
 def main() -> None:
     """train.py and `minilm-train`: preflight every job, run them, exit with the outcome's code."""
     cap_onednn_isa_if_amx_is_broken()  # before any bf16 matmul in this process
@@ -315,7 +331,8 @@ def main() -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_INPUT_ERROR)
     try:
-        _hydra_main()
+        with input_errors(), run_dir_lock(sys.argv[1:]):
+            _hydra_main()
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once
         print("interrupted: stopped at once (a second Ctrl-C); resume from the last checkpoint", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)

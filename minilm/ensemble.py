@@ -43,7 +43,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from minilm.data import prepare_data
-from minilm.lifecycle import RunDir, StopSignals, plain
+from minilm.lifecycle import RunDir, StopSignals, plain, run_dirs_held
 from minilm.model import lm_loss
 from minilm.runs import flatten
 from minilm.seeding import rng_state, set_rng_state, torch_rng_state
@@ -267,6 +267,11 @@ def train_ensemble(jobs: list[MemberJob], label: str = "") -> list[dict]:
     """Train `jobs` (runs an ensemble can batch: equal `ensemble_key`) as one ensemble and return their
     summaries, in order. A run that already finished in its run dir is not trained again, as with
     trainer.train; every member is closed (W&B finished, closing line) whatever happens."""
+    with run_dirs_held(jobs):
+        return _train_ensemble_locked(jobs, label)
+
+
+def _train_ensemble_locked(jobs: list[MemberJob], label: str) -> list[dict]:
     summaries: list[dict | None] = [None] * len(jobs)
     todo = []
     for i, job in enumerate(jobs):

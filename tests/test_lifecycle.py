@@ -323,3 +323,72 @@ def test_data_parallel_ranks_agree_on_a_stop_at_flush_boundaries_only(tmp_path, 
     assert agreed_at == [5, 10]
     assert summary["outcome"] == "interrupted" and summary["step"] == 10
     assert checkpoint.load(tmp_path / "checkpoints" / checkpoint.LAST)["step"] == 10
+
+
+# ---------------------------------------------------------------- one run per run dir
+
+
+def hold_in_another_process(run_dir):
+    """A process that holds run_dir's lock until killed; returns it once the lock is held."""
+    code = ("import sys; from minilm.lifecycle import RunDirLock\n"
+            "with RunDirLock(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_run_dir_held_by_another_process_is_refused_and_taken_over_once_it_died(tmp_path):
+    from minilm.errors import RunDirError
+    from minilm.lifecycle import RunDirLock
+
+    holder = hold_in_another_process(tmp_path)
+    with pytest.raises(RunDirError) as error:
+        with RunDirLock(tmp_path):
+            pass
+    message = str(error.value)
+    assert "\n" not in message and f"pid {holder.pid} on host {socket.gethostname()}, started " in message
+    assert "train.wait_for_run_dir=true" in message
+    holder.kill()  # kill -9: no cleanup, the lock file stays behind
+    holder.wait()
+    with RunDirLock(tmp_path), RunDirLock(tmp_path):  # a dead process's lock is free; re-entrant in one process
+        assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+
+
+def wait_for(condition, process, what, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None and time.time() < deadline, f"{what}: exit {process.poll()}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_two_train_py_in_one_run_dir_second_refused_or_waits_no_step_twice(tmp_path):
+    run_dir, log_path = tmp_path / "run", tmp_path / "waiting.log"
+    command = train_command(["train.max_steps=100000", "train.ckpt_interval=20", "seed=1"], run_dir)
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    waiting = None
+    try:
+        wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 25, first, "first")
+        second = subprocess.run(train_command(["train.max_steps=100000", "seed=2"], run_dir), capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == EXIT_INPUT_ERROR, second.stderr[-2000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: the run dir"), second.stderr[-2000:]
+        assert f"pid {first.pid} on host {socket.gethostname()}" in lines[0]
+        assert "seed=2" not in (run_dir / ".hydra" / "overrides.yaml").read_text()  # nothing written in the dir
+        with open(log_path, "w") as log_file:  # asked to wait, it takes over when the first is killed
+            waiting = subprocess.Popen([*command, "train.wait_for_run_dir=true"], stdout=log_file, stderr=log_file)
+        wait_for(lambda: "waiting for the run dir" in log_path.read_text(), waiting, "waiting")
+        assert first.poll() is None
+        first.kill()
+        first.wait()
+        wait_for(lambda: "resumed from" in log_path.read_text(), waiting, "resume")
+        waiting.send_signal(signal.SIGINT)
+        assert waiting.wait(timeout=120) == EXIT_INTERRUPTED, log_path.read_text()[-2000:]
+    finally:
+        for process in (first, waiting):
+            if process is not None and process.poll() is None:
+                process.kill()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert train_steps(read_metrics(run_dir)) == list(range(1, summary["step"] + 1))  # each step exactly once
