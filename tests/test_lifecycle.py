@@ -343,9 +343,8 @@ def test_a_run_dir_held_by_another_process_is_refused_and_taken_over_once_it_die
     from minilm.lifecycle import RunDirLock
 
     holder = hold_in_another_process(tmp_path)
-    with pytest.raises(RunDirError) as error:
-        with RunDirLock(tmp_path):
-            pass
+    with pytest.raises(RunDirError) as error, RunDirLock(tmp_path):
+        pass
     message = str(error.value)
     assert "\n" not in message and f"pid {holder.pid} on host {socket.gethostname()}, started " in message
     assert "train.wait_for_run_dir=true" in message
