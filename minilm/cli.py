@@ -11,6 +11,7 @@ exits with the code of the most severe outcome (minilm/errors.py).
 import itertools
 import os
 import sys
+import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import fields, is_dataclass
 from enum import Enum
@@ -198,6 +199,12 @@ def check_output_dir(path: Path, key: str) -> None:
         raise RunDirError(f"{key}={path} cannot be created: {parent} is a file; pass another {key}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise RunDirError(f"{key}={path} cannot be created: {parent} is not writable; pass another {key}")
+    if parent != path:  # Hydra creates it: try once (a kernel's file system, /proc, refuses any new folder)
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".minilm-probe-", dir=parent))
+        except OSError as error:
+            raise RunDirError(f"{key}={path} cannot be created in {parent} ({error.strerror or error}); pass "
+                              f"another {key}") from None
 
 
 def check_launcher(launcher) -> None:

@@ -301,6 +301,19 @@ def test_run_dir_is_an_existing_file(tmp_path, capsys):
     assert_one_line_error(code, out, err, [str(tmp_path / "taken"), "existing file"])
 
 
+def test_run_dir_under_proc(capsys):
+    code, out, err = run_cli(with_tiny([*PLAIN, "hydra.run.dir=/proc/minilm-run"]), capsys)
+    assert_one_line_error(code, out, err, ["hydra.run.dir=/proc/minilm-run", "cannot be created"])
+
+
+@pytest.mark.slow
+def test_run_file_of_the_wrong_kind(tmp_path, capsys):
+    (tmp_path / "r" / "metrics.jsonl").mkdir(parents=True)
+    code, out, err = run_cli(with_tiny([*PLAIN, f"hydra.run.dir={tmp_path / 'r'}"]), capsys)
+    assert_one_line_error(code, out, err, [str(tmp_path / "r" / "metrics.jsonl"), "is a folder", "move it away"])
+    assert not (tmp_path / "r" / "config.yaml").exists()  # refused before anything was written
+
+
 @pytest.mark.slow
 def test_run_dir_too_small_for_checkpoints(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(checkpoint, "free_bytes", lambda _path: 1000)
