@@ -9,6 +9,7 @@ exits with the code of the most severe outcome (minilm/errors.py).
 """
 
 import itertools
+import logging
 import os
 import sys
 import tempfile
@@ -333,6 +334,8 @@ def run_dir_lock(argv: list[str]):
 def main() -> None:
     """train.py and `minilm-train`: preflight every job, run them, exit with the outcome's code."""
     cap_onednn_isa_if_amx_is_broken()  # before any bf16 matmul in this process
+    # a log file on a full disk: its lines still reach the console, without a traceback for each one
+    logging.raiseExceptions = False
     error = preflight(sys.argv[1:])
     if error:
         print(f"error: {error}", file=sys.stderr)
