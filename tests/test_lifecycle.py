@@ -136,6 +136,49 @@ def test_an_allowed_change_is_recorded_and_reproduce_replays_it_bitwise(tmp_path
 
 
 @pytest.mark.slow
+def test_reproduce_refuses_a_config_yaml_that_disagrees_with_the_runs_checkpoint(tmp_path, capsys):
+    interrupted_run(tmp_path / "run", COMMON)
+    logged = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    logged["optim"]["lr"], logged["train"]["log_interval"] = 0.01, 3  # edited by hand after the run
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(logged))
+    code = reproduce.main([str(tmp_path / "run"), "--verify", "2", "--out", str(tmp_path / "again")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == EXIT_INPUT_ERROR and len(errors) == 1
+    assert "config.yaml disagrees with the run's checkpoint" in errors[0] and "optim.lr (0.003" in errors[0]
+    assert "log_interval" not in errors[0]  # bookkeeping may differ: a resume may change it
+    assert not (tmp_path / "again").exists()
+
+
+def fork(tmp_path, changes=()):
+    """A run forked from another's checkpoint at step 6 (train.resume=<its run dir>), trained to the end."""
+    interrupted_run(tmp_path / "parent", COMMON)
+    summary = train(compose(with_tiny(["optim.warmup_steps=0", *COMMON, *changes,
+                                       f"train.resume={tmp_path / 'parent'}"])), tmp_path / "fork")
+    assert summary["outcome"] == "completed" and train_steps(read_metrics(tmp_path / "fork"))[0] == 7
+    return tmp_path / "fork"
+
+
+@pytest.mark.slow
+def test_reproduce_replays_a_forks_parent_first_bitwise(tmp_path, capsys):
+    forked = fork(tmp_path, ["optim.lr=0.01", "train.allow_config_change=true"])  # the fork changed the LR
+    code = reproduce.main([str(forked), "--verify", "12", "--out", str(tmp_path / "again")])
+    out = capsys.readouterr().out
+    assert code == 0 and "PASS: the first 12 losses are bitwise identical" in out, out
+    assert f"after its parent {tmp_path / 'parent'} up to step 6" in out
+    assert train_steps(read_metrics(tmp_path / "again")) == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_reproduce_refuses_a_fork_whose_parent_is_gone_naming_it(tmp_path, capsys):
+    forked = fork(tmp_path)
+    (tmp_path / "parent").rename(tmp_path / "moved")
+    code = reproduce.main([str(forked), "--out", str(tmp_path / "again")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == EXIT_INPUT_ERROR and len(errors) == 1 and "forked from" in errors[0]
+    assert f"parent run dir {tmp_path / 'parent'} is not here" in errors[0] and not (tmp_path / "again").exists()
+
+
+@pytest.mark.slow
 def test_divergence_stops_the_run_at_its_step_with_a_nonzero_exit(tmp_path):
     result = subprocess.run(train_command(["optim.lr=1e6", "optim.warmup_steps=0", "train.divergence_window=1",
                                            "train.max_steps=20", "train.log_interval=10"], tmp_path),
