@@ -317,9 +317,10 @@ def _hydra_main(cfg) -> float:
 
 def run_dir_lock(argv: list[str]):
     """The run dir lock of a single run whose hydra.run.dir is a plain path, to take before Hydra writes
-    .hydra/ there (train() takes it again, re-entrantly); nothing for a sweep, a rank other than 0, or a dir
-    whose name is only known once Hydra resolves it (a timestamp: train() locks it)."""
-    if any(arg in _HYDRA_FLAGS for arg in argv) or int(os.environ.get("RANK", "0")) != 0:
+    .hydra/ there (train() takes it again, re-entrantly); nothing for a sweep, Hydra's own commands (--cfg),
+    a rank other than 0, or a dir whose name is only known once Hydra resolves it (a timestamp: train() locks
+    it)."""
+    if any(arg.startswith("-") for arg in argv) or int(os.environ.get("RANK", "0")) != 0:  # -m, Hydra's own
         return nullcontext()
     given = [o for o in _parse(argv) if o.key_or_group == "hydra.run.dir"]
     path = str(given[-1].value()) if given else ""
