@@ -397,7 +397,7 @@ def test_a_run_dir_held_by_another_process_is_refused_and_taken_over_once_it_die
         assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
 
 
-def wait_for(condition, process, what, timeout=120):
+def wait_for(condition, process, what, timeout=300):
     deadline = time.time() + timeout
     while not condition():
         assert process.poll() is None and time.time() < deadline, f"{what}: exit {process.poll()}"
@@ -425,7 +425,10 @@ def test_two_train_py_in_one_run_dir_second_refused_or_waits_no_step_twice(tmp_p
         assert first.poll() is None
         first.kill()
         first.wait()
-        wait_for(lambda: "resumed from" in log_path.read_text(), waiting, "resume")
+        killed_at = train_steps(read_metrics(run_dir))[-1]
+        # trains past the step the first one reached: resumed, and its stop signal handlers are in place
+        wait_for(lambda: train_steps(read_metrics(run_dir))[-1] > killed_at, waiting, "resume", timeout=600)
+        assert "resumed from" in log_path.read_text()
         waiting.send_signal(signal.SIGINT)
         assert waiting.wait(timeout=120) == EXIT_INTERRUPTED, log_path.read_text()[-2000:]
     finally:
