@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from minilm import checkpoint, reproduce
-from minilm.cli import compose
+from minilm import checkpoint
 from minilm.errors import EXIT_DIVERGED, EXIT_INPUT_ERROR, EXIT_INTERRUPTED, ConfigError
-from minilm.tracking import read_metrics, run_naming
-from minilm.trainer import Trainer, train
+from minilm.launch import reproduce
+from minilm.launch.cli import compose
+from minilm.train.tracking import read_metrics, run_naming
+from minilm.train.trainer import Trainer, train
 from tests.helpers import ROOT, losses, make_trainer, run_training, train_command, with_tiny
 
 COMMON = ["deterministic=true", "optim.warmup_steps=0", "model.dropout=0.1", "train.max_steps=12"]
@@ -260,7 +261,7 @@ def test_rerunning_a_sweep_skips_finished_jobs_and_duplicates_nothing(tmp_path):
 
 
 def test_an_experiment_without_multirun_says_so(tmp_path):
-    from minilm.cli import preflight
+    from minilm.launch.cli import preflight
 
     error = preflight(["experiment=postnorm_warmup"])
     assert error and "\n" not in error and "add -m" in error and "optim.warmup_steps" in error
@@ -339,7 +340,7 @@ def test_data_parallel_ranks_agree_on_a_stop_at_flush_boundaries_only(tmp_path, 
     boundary with a checkpoint. Collectives stand in for the second rank (this one's values)."""
     import torch.distributed as dist
 
-    from minilm import trainer as trainer_module
+    from minilm.train import trainer as trainer_module
 
     trainer = make_trainer(["train.max_steps=12", "train.log_interval=5", "train.eval_interval=0",
                             "train.ckpt_interval=0"], tmp_path)
@@ -373,7 +374,7 @@ def test_data_parallel_ranks_agree_on_a_stop_at_flush_boundaries_only(tmp_path, 
 
 def hold_in_another_process(run_dir):
     """A process that holds run_dir's lock until killed; returns it once the lock is held."""
-    code = ("import sys; from minilm.lifecycle import RunDirLock\n"
+    code = ("import sys; from minilm.train.lifecycle import RunDirLock\n"
             "with RunDirLock(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -383,7 +384,7 @@ def hold_in_another_process(run_dir):
 
 def test_a_run_dir_held_by_another_process_is_refused_and_taken_over_once_it_died(tmp_path):
     from minilm.errors import RunDirError
-    from minilm.lifecycle import RunDirLock
+    from minilm.train.lifecycle import RunDirLock
 
     holder = hold_in_another_process(tmp_path)
     with pytest.raises(RunDirError) as error, RunDirLock(tmp_path):

@@ -43,7 +43,7 @@ from minilm.errors import (
     RunDirError,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 CONFIG_NAME = "train"
 MAX_PREFLIGHT_JOBS = 256
 _HYDRA_FLAGS = {"-m", "--multirun"}
@@ -305,7 +305,7 @@ def threads_per_job(n_jobs: int) -> int:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
 def _hydra_main(cfg) -> float:
-    from minilm.trainer import train
+    from minilm.train.trainer import train
 
     hydra_cfg = HydraConfig.get()
     share_cores(hydra_cfg)
@@ -326,7 +326,7 @@ def run_dir_lock(argv: list[str]):
     path = str(given[-1].value()) if given else ""
     if not path or "${" in path:
         return nullcontext()
-    from minilm.lifecycle import RunDirLock
+    from minilm.train.lifecycle import RunDirLock
 
     wait = compose([a for a in argv if not a.startswith("hydra.")]).train.wait_for_run_dir
     return RunDirLock(Path(path), wait=wait)
