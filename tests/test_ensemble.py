@@ -61,6 +61,8 @@ def test_grouping_keys():
     assert unbatchable_reason(base) is None
     assert "dropout" in unbatchable_reason(config(["model.dropout=0.1"]))
     assert "triton" in unbatchable_reason(config(["norm=triton_rmsnorm"]))
+    assert "norm=triton_dyt" in unbatchable_reason(config(["norm=triton_dyt"]))
+    assert unbatchable_reason(config(["norm=dyt"])) is None
     assert split(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
     assert split(list(range(4)), 9) == [[0, 1, 2, 3]]
 
@@ -102,6 +104,18 @@ def test_members_draw_their_samples_as_alone(tmp_path):
 
 
 @pytest.mark.slow
+def test_dyt_members_train_as_their_runs_alone(tmp_path):
+    """DyT under vmap: each member's alpha, gain and bias are its own (alpha's gradient a sum over the member's
+    elements only)."""
+    arms = [["norm=dyt", "seed=0", "train.max_steps=4"], ["norm=dyt", "norm.dyt_alpha=1.0", "seed=1",
+                                                          "optim.lr=1e-2", "train.max_steps=4"]]
+    run_ensemble(arms, tmp_path)
+    for i, arm in enumerate(arms):
+        run_alone(arm, tmp_path / f"alone{i}")
+        assert_same_run(tmp_path / f"member{i}", tmp_path / f"alone{i}")
+
+
+@pytest.mark.slow
 def test_bf16_members_track_their_runs_alone(tmp_path):
     """Under bf16 autocast the batched matmuls round differently from single ones already in the forward:
     a member's losses stay within BF16_MEMBER_RTOL of its run alone (measured: about 1e-5 over 3 steps)."""
@@ -129,9 +143,9 @@ def test_each_member_logs_to_its_own_wandb_run(tmp_path, monkeypatch):
         assert len(runs) == 1 and (runs[0] / f"run-{run_id}.wandb").stat().st_size > 0
 
 
-def step_results(trainer: Trainer, result) -> tuple[float, float]:
-    loss, grad_norm = result
-    return loss.item(), grad_norm.item()
+def step_results(trainer: Trainer, result) -> tuple[float, float, float]:
+    loss, grad_norm, skipped_so_far = result
+    return loss.item(), grad_norm.item(), skipped_so_far.item()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -152,8 +166,9 @@ def test_a_nonfinite_member_is_skipped_alone(precision, tmp_path):
     stacked.register_hook(lambda g: torch.cat([g[:1], torch.full_like(g[1:], math.inf)]))
     before = {name: p.detach().clone() for name, p in ensemble.params.items()}
     results = ensemble.step()
-    assert math.isfinite(step_results(trainers[0], results[0])[1])
+    assert math.isfinite(step_results(trainers[0], results[0])[1]) and step_results(trainers[0], results[0])[2] == 0
     assert not math.isfinite(step_results(trainers[1], results[1])[1])
+    assert step_results(trainers[1], results[1])[2] == 1  # counted, its own count
     for name, p in ensemble.params.items():
         assert torch.equal(p[1], before[name][1]), f"{name}: the poisoned member's step reached its weights"
     assert not torch.equal(ensemble.params["blocks.0.mlp.fc.weight"][0], before["blocks.0.mlp.fc.weight"][0])

@@ -84,6 +84,10 @@ BAD_CONFIG = [
     (["norm.eps=0"], ["norm.eps=0", "> 0"]),
     (["norm.eps=-1e-5"], ["norm.eps=-1e-05", "> 0"]),
     (["norm.affine=perhaps"], ["norm.affine=perhaps", "boolean"]),
+    (["norm=dyt", "norm.dyt_alpha=0"], ["norm.dyt_alpha=0", "finite number > 0"]),
+    (["norm.dyt_alpha=-0.5"], ["norm.dyt_alpha=-0.5", "finite number > 0"]),
+    (["norm=triton_dyt", "norm.dyt_alpha=inf"], ["norm.dyt_alpha=inf", "finite number > 0"]),
+    (["norm=dyt", "norm.dyt_alpha=nan"], ["norm.dyt_alpha=nan", "finite number > 0"]),
     (["precision.init_scale=0"], ["precision.init_scale=0", "> 0"]),
     (["precision.growth_interval=0"], ["precision.growth_interval=0", ">= 1"]),
     (["data.vocab_size=100"], ["data.vocab_size=100", ">= 257"]),
@@ -160,6 +164,18 @@ def test_bad_config_value_is_one_line_before_any_work(argv, fragments, capsys, t
     code, out, err = run_cli([*guard, *argv, f"hydra.run.dir={tmp_path / 'run'}"], capsys)
     assert_one_line_error(code, out, err, fragments)
     assert not (tmp_path / "run").exists()  # refused before Hydra made the run dir
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("data.text_column=ü", ["'ü' (U+00FC)", "quote the value", """'data.text_column="ü"'"""]),
+    ("train.max_steps=5,", ["trailing comma", "quote the value"]),
+    ("train.max_steps=５", ["'５' (U+FF15)", "quote the value", "ASCII digits"]),
+    ("model.n_layer=2]", ["extraneous input ']'", "quote the value"]),
+])
+def test_an_override_hydra_cannot_parse_is_one_line_naming_it(override, fragments, capsys, tmp_path):
+    code, out, err = run_cli(["train.max_steps=1", override, f"hydra.run.dir={tmp_path / 'run'}"], capsys)
+    assert_one_line_error(code, out, err, [f"error: {override} is not valid override syntax", *fragments])
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
