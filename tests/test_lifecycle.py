@@ -110,6 +110,38 @@ def test_resume_with_a_math_change_is_refused_in_one_line(tmp_path):
     assert (tmp_path / "config.yaml").read_text() == logged  # the logged config was not rewritten
 
 
+def forget_keys(run_dir, keys):
+    """The run dir as code from before `keys` existed wrote it: the keys absent from config.yaml and last.pt."""
+    def drop(config):
+        for key in keys:
+            group, name = key.split(".")
+            del config[group][name]
+    logged = yaml.safe_load((run_dir / "config.yaml").read_text())
+    drop(logged)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(logged))
+    path = run_dir / "checkpoints" / "last.pt"
+    state = checkpoint.load(path)
+    drop(state["config"])
+    checkpoint.save_atomic(state, path)
+
+
+@pytest.mark.slow
+def test_a_run_logged_before_a_key_existed_resumes_and_reproduces_with_its_default(tmp_path, capsys):
+    full = losses(run_training(COMMON, tmp_path / "full"))
+    interrupted_run(tmp_path / "run", COMMON)
+    forget_keys(tmp_path / "run", ["norm.dyt_alpha", "train.wait_for_run_dir"])  # a math key and a bookkeeping one
+    assert losses(run_training(COMMON, tmp_path / "run")) == full
+    assert not (tmp_path / "run" / "config_revisions.yaml").exists()
+    code = reproduce.main([str(tmp_path / "run"), "--verify", "12", "--out", str(tmp_path / "again")])
+    captured = capsys.readouterr()
+    assert code == 0 and "PASS" in captured.out, captured.out + captured.err
+    assert "norm.dyt_alpha" in captured.err  # says which keys took their defaults
+    interrupted_run(tmp_path / "changed", COMMON)
+    forget_keys(tmp_path / "changed", ["norm.dyt_alpha"])
+    with pytest.raises(ConfigError, match="norm.dyt_alpha"):  # a value other than the default is a change
+        Trainer(compose(with_tiny([*COMMON, "norm.dyt_alpha=0.7"])), tmp_path / "changed")
+
+
 @pytest.mark.slow
 def test_resume_with_another_architecture_is_refused_even_when_changes_are_allowed(tmp_path):
     interrupted_run(tmp_path, COMMON)

@@ -75,9 +75,9 @@ def reproduction_config(logged: dict, overrides: list[str]):
         raise Refused(f"the logged config has keys this code does not know: {', '.join(unknown[:8])}; reproduce it "
                       f"with the code version it logged")
     missing = sorted(k for k in today.keys() - then.keys() - given if not k.startswith(MACHINE_KEYS))
-    if missing:
-        raise Refused(f"the logged config lacks {', '.join(missing[:8])} (added since the run); pass them as "
-                      f"key=value to choose, e.g. today's defaults: {' '.join(f'{k}={today[k]}' for k in missing[:8])}")
+    if missing:  # a key's default keeps the behaviour from before it existed; --verify checks the result
+        warn(f"the logged config lacks {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} (added since "
+             f"the run): using the schema's defaults, which keep the earlier behaviour")
     logged = {key: value for key, value in logged.items() if key != "paths"}
     try:
         cfg = OmegaConf.merge(defaults, logged, OmegaConf.from_dotlist(list(overrides)))

@@ -22,12 +22,14 @@ import os
 import signal
 import socket
 from datetime import datetime
+from enum import Enum
 from pathlib import Path
 
 import torch
 import yaml
 from omegaconf import OmegaConf
 
+from minilm.config import default_of, schema_field
 from minilm.errors import ConfigError, RunDirError
 from minilm.rundir import REVISIONS_FILE, flatten
 
@@ -49,6 +51,16 @@ RUN_FOLDERS = ("checkpoints", "forensics", "wandb")
 LOCK_FILE = "run.lock"
 
 
+def logged_default(key: str):
+    """What a config logged before `key` existed meant by it: the schema's default (a new key's default
+    keeps the earlier behaviour), as config.yaml would hold it."""
+    f = schema_field(key)
+    if f is None:
+        return "<absent>"
+    value = default_of(f)
+    return value.value if isinstance(value, Enum) else list(value) if isinstance(value, tuple) else value
+
+
 def plain(cfg) -> dict:
     """A config as plain containers, enums as strings: what config.yaml and checkpoints hold."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if OmegaConf.is_config(cfg) else cfg
@@ -57,6 +69,8 @@ def plain(cfg) -> dict:
 def math_changes(logged: dict, current: dict) -> dict[str, tuple]:
     """{key: (logged value, current value)} for every key that differs and changes the math of training."""
     old, new = flatten(plain(logged), keep_lists=True), flatten(plain(current), keep_lists=True)
+    old = {**{key: logged_default(key) for key in new.keys() - old.keys()}, **old}
+    new = {**{key: logged_default(key) for key in old.keys() - new.keys()}, **new}
     return {key: (old.get(key, "<absent>"), new.get(key, "<absent>")) for key in sorted(old.keys() | new.keys())
             if key not in BOOKKEEPING_KEYS and not key.startswith(BOOKKEEPING_PREFIXES)
             and old.get(key, "<absent>") != new.get(key, "<absent>")}
