@@ -95,10 +95,11 @@ class CausalSelfAttention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor, value_embed: torch.Tensor | None = None):
         """Queries, keys, values as (batch, head, time, d_head), the keys and values of each kv head repeated
-        for every query head of its group; what attention and the diagnostics use."""
+        for every query head of its group; what attention and the diagnostics use. `value_embed`, the layer's
+        value embedding, enters the values only (the diagnostics, which read q and k, pass none)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split([C, self.kv_dim, self.kv_dim], dim=2)
-        if self.ve_gate is not None:
+        if value_embed is not None:
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))  # (B, T, n_kv_head)
             v = v + (gate.unsqueeze(-1) * value_embed.view(B, T, self.n_kv_head, self.d_head)).flatten(2)
         q = q.view(B, T, self.n_head, self.d_head).transpose(1, 2)
