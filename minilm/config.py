@@ -1,7 +1,7 @@
 """The typed config schema: each key's type, default and valid range, written once, side by side.
 
 `Config` is the schema of the whole config and each field's dataclass the schema of one
-config group (model, norm, precision, ...). The entry layer (minilm/cli.py) registers it
+config group (model, norm, precision, ...). The entry layer (minilm/launch/cli.py) registers it
 with Hydra, so OmegaConf itself rejects a value of the wrong type (a bool, an int, a float,
 one of an enum's choices) while composing; the YAML files in configs/ hold only what differs
 from these defaults. `validate` then checks ranges and cross-field rules, and
@@ -295,7 +295,7 @@ class DiagnosticsConfig:
     norm_probe: bool = False
 
 
-# The figures a study can ask its report for (minilm/report.py draws them).
+# The figures a study can ask its report for (minilm/analysis/report.py draws them).
 FIGURES = ("loss_curves", "final_loss_vs_lr", "grad_norm_by_layer", "attn_logit_max", "attn_entropy", "logz",
            "fp16_scale", "update_rms", "norm_error", "numerics")
 
@@ -418,7 +418,7 @@ def check_runnable(cfg, device) -> None:
         raise ConfigError(f"train.compile_mode=reduce-overhead replays CUDA graphs, which need a CUDA device, and "
                           f"this run is on {device}; use train.compile_mode=default there")
     if cfg.precision.name == "fp8":
-        from minilm.fp8 import fp8_unavailable_reason
+        from minilm.precision.fp8 import fp8_unavailable_reason
 
         reason = fp8_unavailable_reason(cfg.model, str(cfg.precision.fp8_recipe),
                                         cfg.train.batch_size * cfg.model.block_size)

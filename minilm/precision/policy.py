@@ -6,9 +6,9 @@ how to run forward, backward and step.
     fp16       autocast to float16 with dynamic loss scaling (torch.amp.GradScaler):
                scale the loss, unscale before clipping, skip the step on inf/nan, update.
     bf16_pure  the model, its gradients and AdamW's state in bf16, no fp32 master copy; each
-               update is rounded into the bf16 weights by precision.rounding (minilm/bf16_pure.py).
+               update is rounded into the bf16 weights by precision.rounding (minilm/precision/bf16_pure.py).
     fp8        bf16 autocast, with the linears (not the LM head) in fp8 through torchao's float8
-               training, precision.fp8_recipe scaling (minilm/fp8.py); emulated off fp8 GPUs.
+               training, precision.fp8_recipe scaling (minilm/precision/fp8.py); emulated off fp8 GPUs.
 
 Except under bf16_pure, parameters and optimizer state stay fp32 (autocast only casts op inputs).
 A non-finite gradient never reaches the weights in any precision: fp16's scaler skips the step,
@@ -80,7 +80,7 @@ class Precision:
         if self.name == "bf16_pure":
             return f"pure bf16 weights, gradients and AdamW state, {self.rounding} rounding of the updates"
         if self.name == "fp8":
-            from minilm.fp8 import fp8_path
+            from minilm.precision.fp8 import fp8_path
 
             return (f"fp8 linears ({self.fp8_recipe} scaling, {fp8_path(self.device, self.fp8_recipe)}), bf16 "
                     f"autocast elsewhere, fp32 weights and optimizer state")
@@ -96,7 +96,7 @@ class Precision:
         if self.name == "bf16_pure":
             return model.to(torch.bfloat16)
         if self.name == "fp8":
-            from minilm.fp8 import convert_to_fp8
+            from minilm.precision.fp8 import convert_to_fp8
 
             convert_to_fp8(model, self.fp8_recipe, self.device)
         return model
@@ -106,7 +106,7 @@ class Precision:
         bf16 ones (its stochastic rounding seeded by the run seed, the same on every rank)."""
         betas = (optim_cfg.beta1, optim_cfg.beta2)
         if self.name == "bf16_pure":
-            from minilm.bf16_pure import BF16AdamW
+            from minilm.precision.bf16_pure import BF16AdamW
 
             return BF16AdamW(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps, rounding=self.rounding,
                              seed=seed)
