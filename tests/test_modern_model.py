@@ -9,15 +9,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from minilm import reproduce
-from minilm.cli import compose
 from minilm.config import ModelConfig, NormConfig
-from minilm.diagnostics import Diagnostics
-from minilm.ensemble import unbatchable_reason
+from minilm.launch import reproduce
+from minilm.launch.cli import compose
 from minilm.model import GPT, lm_loss, mlp_hidden, rotate, softcap, softcapped_attention
 from minilm.norms import NORM_KINDS
 from minilm.norms.availability import norm_unavailable_reason
-from minilm.precision import Precision
+from minilm.precision.policy import Precision
+from minilm.train.diagnostics import Diagnostics
+from minilm.train.ensemble import unbatchable_reason
 from tests.helpers import losses, make_trainer, run_training
 
 VOCAB = 97
