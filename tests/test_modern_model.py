@@ -339,7 +339,7 @@ def test_modern_preset_trains_and_its_loss_falls(tmp_path):
 # ---------------------------------------------------------------- everything around the model
 
 EVERY_KNOB = ["model=modern", "model.mlp=swiglu", "model.n_kv_head=1", "model.attn_softcap=30", "model.attn_gate=true",
-              "norm.depth_scaling=true"]
+              "model.x0_blend=true", "model.smear=true", "model.backout=true", "norm.depth_scaling=true"]
 
 
 @pytest.mark.slow
