@@ -8,7 +8,9 @@ Each variant is the model and AdamW a run with those overrides builds (the schem
 random tokens, fp32 on CPU or the precision's autocast: forward, loss, backward, optimizer step, nothing else
 (no diagnostics, no data loading). Every round times `--steps` steps of each variant in turn after one
 untimed step, so load from elsewhere on the machine falls on all of them alike; the figure per variant is
-its median step over the rounds, and the ratio is that over the first variant's.
+its median step over the rounds, and the ratio is that over the first variant's. On a CPU the clock is the
+process's CPU time on one thread (torch.set_num_threads(1)): on a shared machine, wall time mostly measures
+the other processes; on CUDA it is wall time, synchronized.
 """
 
 import argparse
@@ -52,20 +54,24 @@ def main() -> None:
     parser.add_argument("common", nargs="*", help="overrides shared by every variant")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     steps = [build([*args.common, *variant.split()], device) for variant in args.variants]
     for step in steps:
         step()  # first-call costs out of the timing
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(args.rounds):
         for step, record in zip(steps, times):
-            start = time.perf_counter()
+            start = clock()
             for _ in range(args.steps):
                 step()
-            record.append((time.perf_counter() - start) / args.steps * 1e3)
+            record.append((clock() - start) / args.steps * 1e3)
     base = statistics.median(times[0])
     for variant, record in zip(args.variants, times):
         ms = statistics.median(record)
-        print(f"{ms:9.1f} ms/step  {ms / base:5.2f}x  {variant or '(default: the GPT-2 preset)'}")
+        print(f"{ms:9.1f} ms/step ({'wall' if device.type == 'cuda' else 'CPU, one thread'})  {ms / base:5.2f}x  "
+              f"{variant or '(default: the GPT-2 preset)'}")
 
 
 if __name__ == "__main__":
