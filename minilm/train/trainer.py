@@ -44,54 +44,20 @@ from minilm.config import check_runnable, resolve_device, validate
 from minilm.data import TokenWindowSampler, eval_batches, prepare_data
 from minilm.environment import environment_record
 from minilm.errors import EXIT_CODES, CheckpointError, DataError, MinilmError, RunDirError
-from minilm.model import GPT, generate, lm_loss
+from minilm.model import generate, lm_loss
 from minilm.precision.bf16_pure import bytes_per_param
 from minilm.precision.policy import Precision
+from minilm.rundir import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE
 from minilm.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, torch_rng_state
+from minilm.train.build import build_model, build_optimizer, compile_mode, lr_at
 from minilm.train.diagnostics import Diagnostics, peak_memory_mb
 from minilm.train.divergence import DivergenceMonitor
 from minilm.train.forensics import Forensics
 from minilm.train.lifecycle import RunDir, StepScalars, StopSignals, check_architecture, check_resume, plain
 from minilm.train.numerics import NumericsCollector
-from minilm.train.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, Tracker
+from minilm.train.tracking import Tracker
 
 log = logging.getLogger("minilm")
-
-
-def build_optimizer(model: torch.nn.Module, optim_cfg, precision: Precision, seed: int) -> torch.optim.Optimizer:
-    """AdamW (the precision's) with weight decay on matrices only: not on norm gains, biases or embeddings;
-    coupled to the LR (AdamW's) or independent of it (optim.independent_weight_decay)."""
-    decay, no_decay = [], []
-    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    for p in model.parameters():  # tied weights appear once
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    weight_decay = optim_cfg.weight_decay
-    if optim_cfg.independent_weight_decay:  # torch's AdamW decays by lr_t x weight_decay: divide the peak LR out
-        weight_decay /= optim_cfg.lr
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    return precision.optimizer(groups, optim_cfg, seed)
-
-
-def build_model(cfg, vocab_size: int, precision: Precision) -> GPT:
-    """The run's GPT on the precision's device, in the precision's number formats."""
-    model = GPT(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.norm), vocab_size)
-    return precision.prepare_model(model.to(precision.device))
-
-
-def lr_at(step: int, optim_cfg, max_steps: int) -> float:
-    """Linear warmup from 0 to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
-    peak, warmup = optim_cfg.lr, optim_cfg.warmup_steps
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    floor = peak * optim_cfg.min_lr_ratio
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
-
-
-def compile_mode(cfg) -> str | None:
-    """torch.compile's mode for train.compile_mode (None: its default)."""
-    return None if cfg.train.compile_mode == "default" else str(cfg.train.compile_mode)
 
 
 def checkpoint_bytes(model: torch.nn.Module) -> int:
@@ -623,8 +589,6 @@ def train(cfg, run_dir: Path, overrides: list[str] = (), choices: dict | None = 
     trained again (its summary is returned)."""
     finished = RunDir(run_dir).finished_summary(cfg)
     if finished is not None:
-        log.info(f"{run_dir} already finished (outcome {finished['outcome']} at step {finished['step']}); not "
-                 f"training it again (train.resume=none archives it and trains again)")
         return finished
     trainer = Trainer(cfg, run_dir, overrides, choices)
     distributed = trainer.world_size > 1

@@ -34,7 +34,8 @@ import torch
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
 from minilm.launch.cli import compose
 from minilm.model import lm_loss
-from minilm.train.trainer import Trainer, build_optimizer, lr_at
+from minilm.train.build import build_optimizer, lr_at
+from minilm.train.trainer import Trainer
 
 
 def sync(device: torch.device) -> None:
