@@ -18,7 +18,7 @@ PRECISIONS = ["fp32", "fp16", "bf16", "bf16_pure", "bf16_pure_nearest", "bf16_pu
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "dyt"])
 @pytest.mark.parametrize("placement", ["pre", "post"])
 def test_one_step_gives_finite_loss_and_updates_every_parameter(placement, norm, precision, tmp_path):
     trainer = make_trainer([f"model.placement={placement}", f"norm={norm}", f"precision={precision}",
@@ -57,10 +57,11 @@ def test_deterministic_runs_are_bitwise_equal(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16_pure"])
-def test_resume_equals_uninterrupted(precision, tmp_path):
+@pytest.mark.parametrize("precision,norm", [("fp32", "layernorm"), ("fp16", "layernorm"), ("bf16_pure", "layernorm"),
+                                            ("bf16_pure", "dyt")])
+def test_resume_equals_uninterrupted(precision, norm, tmp_path):
     common = ["deterministic=true", "optim.warmup_steps=0", "model.dropout=0.1", f"precision={precision}",
-              "train.max_steps=10", "train.grad_accum=2"]
+              f"norm={norm}", "train.max_steps=10", "train.grad_accum=2"]
     full = losses(run_training(common, tmp_path / "full"))
     # stop after 6 steps with a checkpoint (as a preemption does), then resume in the same run dir
     trainer = make_trainer(common, tmp_path / "split")
