@@ -13,8 +13,7 @@ from minilm.config import ModelConfig, NormConfig
 from minilm.launch import reproduce
 from minilm.launch.cli import compose
 from minilm.model import GPT, lm_loss, mlp_hidden, rotate, softcap, softcapped_attention
-from minilm.norms import NORM_KINDS
-from minilm.norms.availability import norm_unavailable_reason
+from minilm.norms import NORM_KINDS, norm_unavailable_reason
 from minilm.precision.policy import Precision
 from minilm.train.diagnostics import Diagnostics
 from minilm.train.ensemble import unbatchable_reason
