@@ -3,6 +3,7 @@ codes that tell the truth, sweeps safe to rerun, W&B by its own conventions."""
 
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -138,6 +139,49 @@ def test_an_allowed_change_is_recorded_and_reproduce_replays_it_bitwise(tmp_path
 
 
 @pytest.mark.slow
+def test_reproduce_refuses_a_config_yaml_that_disagrees_with_the_runs_checkpoint(tmp_path, capsys):
+    interrupted_run(tmp_path / "run", COMMON)
+    logged = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    logged["optim"]["lr"], logged["train"]["log_interval"] = 0.01, 3  # edited by hand after the run
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(logged))
+    code = reproduce.main([str(tmp_path / "run"), "--verify", "2", "--out", str(tmp_path / "again")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == EXIT_INPUT_ERROR and len(errors) == 1
+    assert "config.yaml disagrees with the run's checkpoint" in errors[0] and "optim.lr (0.003" in errors[0]
+    assert "log_interval" not in errors[0]  # bookkeeping may differ: a resume may change it
+    assert not (tmp_path / "again").exists()
+
+
+def fork(tmp_path, changes=()):
+    """A run forked from another's checkpoint at step 6 (train.resume=<its run dir>), trained to the end."""
+    interrupted_run(tmp_path / "parent", COMMON)
+    summary = train(compose(with_tiny(["optim.warmup_steps=0", *COMMON, *changes,
+                                       f"train.resume={tmp_path / 'parent'}"])), tmp_path / "fork")
+    assert summary["outcome"] == "completed" and train_steps(read_metrics(tmp_path / "fork"))[0] == 7
+    return tmp_path / "fork"
+
+
+@pytest.mark.slow
+def test_reproduce_replays_a_forks_parent_first_bitwise(tmp_path, capsys):
+    forked = fork(tmp_path, ["optim.lr=0.01", "train.allow_config_change=true"])  # the fork changed the LR
+    code = reproduce.main([str(forked), "--verify", "12", "--out", str(tmp_path / "again")])
+    out = capsys.readouterr().out
+    assert code == 0 and "PASS: the first 12 losses are bitwise identical" in out, out
+    assert f"after its parent {tmp_path / 'parent'} up to step 6" in out
+    assert train_steps(read_metrics(tmp_path / "again")) == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_reproduce_refuses_a_fork_whose_parent_is_gone_naming_it(tmp_path, capsys):
+    forked = fork(tmp_path)
+    (tmp_path / "parent").rename(tmp_path / "moved")
+    code = reproduce.main([str(forked), "--out", str(tmp_path / "again")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == EXIT_INPUT_ERROR and len(errors) == 1 and "forked from" in errors[0]
+    assert f"parent run dir {tmp_path / 'parent'} is not here" in errors[0] and not (tmp_path / "again").exists()
+
+
+@pytest.mark.slow
 def test_divergence_stops_the_run_at_its_step_with_a_nonzero_exit(tmp_path):
     result = subprocess.run(train_command(["optim.lr=1e6", "optim.warmup_steps=0", "train.divergence_window=1",
                                            "train.max_steps=20", "train.log_interval=10"], tmp_path),
@@ -148,6 +192,9 @@ def test_divergence_stops_the_run_at_its_step_with_a_nonzero_exit(tmp_path):
     assert checkpoint.load(tmp_path / "checkpoints" / "diverged.pt")["step"] == 2
     assert train_steps(read_metrics(tmp_path)) == [1, 2]
     assert "run diverged at step 2/20" in result.stdout + result.stderr
+    console_log = next(line.split("`")[1] for line in (ROOT / "README.md").read_text().splitlines()
+                       if line.startswith("| `") and "the console log" in line)  # as the README names it
+    assert "run diverged at step 2/20" in (tmp_path / console_log).read_text()
 
 
 def test_a_spike_that_comes_back_is_counted_not_a_divergence(tmp_path):
@@ -162,13 +209,101 @@ def test_a_spike_that_comes_back_is_counted_not_a_divergence(tmp_path):
     assert summary["spikes"] == [{"step": 2, "peak": pytest.approx(line + 3), "steps_above": 2, "recovered": True}]
 
 
-def test_a_one_step_run_never_diverges_on_a_high_loss_at_init(tmp_path):
-    trainer = make_trainer(["train.max_steps=1", "train.divergence_margin=0"], tmp_path)
+def test_a_one_step_run_completes_at_the_loss_at_init_and_diverges_only_above_the_line(tmp_path):
+    summary = make_trainer(["train.max_steps=1"], tmp_path / "default").fit()
+    assert not summary["diverged"] and summary["outcome"] == "completed"  # the margin covers the loss at init
+    trainer = make_trainer(["train.max_steps=1"], tmp_path / "low")
     trainer.divergence.threshold = 0.0  # every loss is above this line
     summary = trainer.fit()
     trainer.close()
-    assert not summary["diverged"] and summary["outcome"] == "completed"
-    assert summary["spikes"][0]["recovered"] is False
+    assert summary["outcome"] == "diverged" and summary["diverged_at_step"] == 1
+    assert summary["divergence_reason"] == "its loss ended above the line" and summary["spikes"] == []
+
+
+@pytest.mark.slow
+def test_a_run_that_never_learned_ends_diverged_with_its_last_healthy_step(tmp_path):
+    """optim.lr=1e4: above the line from step 2 on, and most updates skipped; 39 steps above the line are
+    fewer than train.divergence_window's 50, but the run ends above the line, so it did not complete."""
+    rows = run_training(["optim.lr=1e4", "train.max_steps=40"], tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    line = summary["divergence_line"]
+    assert all(loss > line for loss in losses(rows)[1:])  # the reproduction: never back under the line
+    assert summary["outcome"] == "diverged" and summary["diverged"] and summary["step"] == 40
+    assert summary["diverged_at_step"] == 2 and summary["divergence_confirmed_at_step"] == 40
+    assert summary["divergence_reason"] == "its loss ended above the line"
+    skipped = [r["step"] for r in rows if "train/loss" in r and not math.isfinite(float(r["optim/grad_norm"]))]
+    assert len(skipped) > 20 and summary["optim/skipped_updates"] == len(skipped)  # fp32 counts them too
+    assert [r["optim/skipped_updates"] for r in rows if "train/loss" in r][-1] == len(skipped)
+    assert summary["last_healthy/step"] == 1
+    assert math.isfinite(float(summary["last_healthy/optim/grad_norm"])) and summary["last_healthy/train/loss"] < line
+    assert (tmp_path / "checkpoints" / "diverged.pt").exists()
+
+
+@pytest.mark.slow
+def test_last_healthy_is_a_finite_step_below_the_line(tmp_path):
+    """optim.lr=10, 30 steps: the loss goes far above the line and stays; last_healthy is not the last step."""
+    run_training(["optim.lr=10", "train.max_steps=30"], tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["outcome"] == "diverged" and summary["divergence_reason"] == "its loss ended above the line"
+    assert summary["last_healthy/step"] < summary["diverged_at_step"]
+    assert math.isfinite(float(summary["last_healthy/optim/grad_norm"]))
+    assert summary["last_healthy/train/loss"] <= summary["divergence_line"]
+
+
+@pytest.mark.parametrize("poisoned, outcome", [({2, 3, 4}, "diverged"), ({2, 4}, "completed")])
+def test_a_run_whose_updates_were_mostly_skipped_did_not_complete(poisoned, outcome, tmp_path):
+    """Non-finite gradients at the steps `poisoned` of 4: every such update is skipped (fp32: counted too);
+    more than half skipped is a divergence, even with the loss below the line; half is not."""
+    trainer = make_trainer(["train.max_steps=4"], tmp_path)
+    calls = {"n": 0}
+
+    def poison(grad):
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] in poisoned else grad
+
+    trainer.model.blocks[0].attn.qkv.weight.register_hook(poison)
+    summary = trainer.fit()
+    trainer.close()
+    assert summary["outcome"] == outcome and summary["optim/skipped_updates"] == len(poisoned)
+    assert max(losses(read_metrics(tmp_path))) < summary["divergence_line"]
+    if outcome == "diverged":
+        assert summary["diverged_at_step"] == 2 and summary["divergence_reason"] == (
+            "3 of its 4 updates were skipped (non-finite gradients)")
+        assert summary["last_healthy/step"] == 1
+    else:
+        assert not summary["diverged"] and summary["last_healthy/step"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_a_stop_signal_during_data_preparation_ends_interrupted_in_one_line(sig, tmp_path):
+    """The token cache's lock is held here, so train.py waits inside data preparation when the signal comes."""
+    import fcntl
+
+    from minilm.data import corpus_fingerprint, load_corpus
+
+    cfg = compose(with_tiny([]))
+    data_cfg, cache_dir = cfg.data, cfg.paths.cache_dir
+    fingerprint = corpus_fingerprint(load_corpus(data_cfg, cache_dir), data_cfg)
+    lock_path = Path(cache_dir) / f"{data_cfg.source}-{fingerprint[:16]}.lock"
+    command = train_command(["train.max_steps=1"], tmp_path)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            if "waiting for another process building the token cache" in line:
+                process.send_signal(sig)
+                break
+        output = "".join(seen) + process.stdout.read()
+        process.wait(timeout=120)
+    assert process.returncode == EXIT_INTERRUPTED, output[-2000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-2000:]
+    assert output.strip().splitlines()[-1].startswith(f"interrupted ({signal.Signals(sig).name}): stopped at once")
+    assert not (tmp_path / "checkpoints").exists()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)  # the same command trains
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -325,3 +460,113 @@ def test_data_parallel_ranks_agree_on_a_stop_at_flush_boundaries_only(tmp_path, 
     assert agreed_at == [5, 10]
     assert summary["outcome"] == "interrupted" and summary["step"] == 10
     assert checkpoint.load(tmp_path / "checkpoints" / checkpoint.LAST)["step"] == 10
+
+
+def test_a_kill_during_the_end_of_run_sample_resumes_without_a_second_val_row(tmp_path, monkeypatch):
+    overrides = ["train.max_steps=3", "train.sample_tokens=4", "train.eval_interval=2"]
+
+    def killed(self):
+        raise KeyboardInterrupt  # as a kill -9 there would: the final checkpoint and val row are written
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "sample", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(overrides, tmp_path)
+    assert checkpoint.load(tmp_path / "checkpoints" / checkpoint.LAST)["step"] == 3
+    rows = run_training(overrides, tmp_path)
+    val_rows = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
+    assert [step for step, _ in val_rows] == [2, 3]  # each once
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["outcome"] == "completed" and summary["val/loss"] == val_rows[-1][1] and summary["sample"]
+    assert train_steps(rows) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_finished_run_says_how_to_extend_it_and_that_command_works(tmp_path, caplog):
+    first, extended = tmp_path / "first", tmp_path / "extended"
+    base = ["optim.warmup_steps=0"]
+    rows = run_training([*base, "train.max_steps=3"], first)
+    with caplog.at_level(logging.INFO, logger="minilm"):
+        again = train(compose(with_tiny([*base, "train.max_steps=3"])), first)
+    assert again["outcome"] == "completed" and read_metrics(first) == rows  # not trained again
+    message = next(r.getMessage() for r in caplog.records if "already finished" in r.getMessage())
+    told = message.split("more steps: ")[1].split(" (N > 3, NEW_DIR a new dir)")[0].split()
+    assert told[0] == f"train.resume={first}" and told[-1] == "hydra.run.dir=NEW_DIR"
+    command = [o.replace("=N", "=5") for o in told[:-1]]  # as a user fills it in (hydra.run.dir: `extended`)
+    run_training([*base, *command], extended)
+    summary = json.loads((extended / "summary.json").read_text())
+    assert summary["outcome"] == "completed" and summary["step"] == 5
+    assert train_steps(read_metrics(extended)) == [4, 5]  # it went on from the checkpoint at step 3
+    assert json.loads((extended / "environment.json").read_text())["resumed_from"]["step"] == 3
+    assert read_metrics(first) == rows  # the finished run is untouched
+
+
+# ---------------------------------------------------------------- one run per run dir
+
+
+def hold_in_another_process(run_dir):
+    """A process that holds run_dir's lock until killed; returns it once the lock is held."""
+    code = ("import sys; from minilm.train.lifecycle import RunDirLock\n"
+            "with RunDirLock(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_run_dir_held_by_another_process_is_refused_and_taken_over_once_it_died(tmp_path):
+    from minilm.errors import RunDirError
+    from minilm.train.lifecycle import RunDirLock
+
+    holder = hold_in_another_process(tmp_path)
+    with pytest.raises(RunDirError) as error, RunDirLock(tmp_path):
+        pass
+    message = str(error.value)
+    assert "\n" not in message and f"pid {holder.pid} on host {socket.gethostname()}, started " in message
+    assert "train.wait_for_run_dir=true" in message
+    holder.kill()  # kill -9: no cleanup, the lock file stays behind
+    holder.wait()
+    with RunDirLock(tmp_path), RunDirLock(tmp_path):  # a dead process's lock is free; re-entrant in one process
+        assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+
+
+def wait_for(condition, process, what, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None and time.time() < deadline, f"{what}: exit {process.poll()}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_two_train_py_in_one_run_dir_second_refused_or_waits_no_step_twice(tmp_path):
+    run_dir, log_path = tmp_path / "run", tmp_path / "waiting.log"
+    command = train_command(["train.max_steps=100000", "train.ckpt_interval=20", "seed=1"], run_dir)
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    waiting = None
+    try:
+        wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 25, first, "first")
+        second = subprocess.run(train_command(["train.max_steps=100000", "seed=2"], run_dir), capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == EXIT_INPUT_ERROR, second.stderr[-2000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: the run dir"), second.stderr[-2000:]
+        assert f"pid {first.pid} on host {socket.gethostname()}" in lines[0]
+        assert "seed=2" not in (run_dir / ".hydra" / "overrides.yaml").read_text()  # nothing written in the dir
+        with open(log_path, "w") as log_file:  # asked to wait, it takes over when the first is killed
+            waiting = subprocess.Popen([*command, "train.wait_for_run_dir=true"], stdout=log_file, stderr=log_file)
+        wait_for(lambda: "waiting for the run dir" in log_path.read_text(), waiting, "waiting")
+        assert first.poll() is None
+        first.kill()
+        first.wait()
+        killed_at = train_steps(read_metrics(run_dir))[-1]
+        # trains past the step the first one reached: resumed, and its stop signal handlers are in place
+        wait_for(lambda: train_steps(read_metrics(run_dir))[-1] > killed_at, waiting, "resume", timeout=600)
+        assert "resumed from" in log_path.read_text()
+        waiting.send_signal(signal.SIGINT)
+        assert waiting.wait(timeout=120) == EXIT_INTERRUPTED, log_path.read_text()[-2000:]
+    finally:
+        for process in (first, waiting):
+            if process is not None and process.poll() is None:
+                process.kill()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert train_steps(read_metrics(run_dir)) == list(range(1, summary["step"] + 1))  # each step exactly once

@@ -145,21 +145,24 @@ class Precision:
         """Bring gradients back to their true scale (call before clipping)."""
         self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor | None = None) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor | None = None) -> torch.Tensor | None:
         """Apply the update unless some gradient is non-finite (`grad_norm` is their global norm;
-        None: no check outside fp16, e.g. for a bare benchmark loop)."""
+        None: no check outside fp16, e.g. for a bare benchmark loop). Returns whether the update was
+        skipped, as a float device scalar (1.0: skipped; no host sync), or None without a `grad_norm`.
+        fp16's scaler skips on a non-finite unscaled gradient, which makes the norm non-finite too."""
+        skipped = None if grad_norm is None else (~torch.isfinite(grad_norm)).float()
         if self.uses_scaler:
             self.scaler.step(optimizer)
             self.scaler.update()
-            return
-        if grad_norm is None:
+        elif grad_norm is None:
             optimizer.step()
         elif getattr(optimizer, "_step_supports_amp_scaling", False):
-            optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+            optimizer.found_inf = skipped
             optimizer.step()
             del optimizer.found_inf
-        elif torch.isfinite(grad_norm):  # non-fused optimizers: one host sync
+        elif not skipped.item():  # non-fused optimizers: one host sync
             optimizer.step()
+        return skipped
 
     def scale(self) -> float:
         """The current loss scale as a float (a host sync under fp16)."""

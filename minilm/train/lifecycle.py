@@ -1,5 +1,6 @@
 """The pieces of a run's life around the training step, each with its own state and cadence.
 
+    RunDirLock    one run per run dir: held for the run's life, a second process is refused (or waits).
     RunDir        what a run dir already holds (a logged config, a finished run's summary, a W&B
                   id), checked before anything is trained: a finished run is not trained again, a
                   resume whose config changes the math is refused (or recorded as a revision when
@@ -7,14 +8,19 @@
     StepScalars   each step's loss and gradient norm on the host, one step late, without draining
                   the device queue: what divergence detection and forensics read.
     StopSignals   SIGINT / SIGTERM / SIGUSR1 ask the run to stop after its step (checkpoint,
-                  summary, W&B finished); a second SIGINT stops it at once.
+                  summary, W&B finished); a second SIGINT stops it at once, and so does any of them
+                  outside the training steps (data preparation, setup, the end of the run), where
+                  there is no step to finish: `Interrupted`, which the entry point ends with exit 75.
 """
 
 import contextlib
 import copy
+import fcntl
 import json
 import logging
+import os
 import signal
+import socket
 from datetime import datetime
 from pathlib import Path
 
@@ -32,12 +38,15 @@ FINISHED = ("completed", "diverged")
 BOOKKEEPING_PREFIXES = ("logger.", "diagnostics.", "paths.", "study.")
 BOOKKEEPING_KEYS = {
     "train.log_interval", "train.eval_interval", "train.eval_batches", "train.ckpt_interval", "train.resume",
-    "train.allow_config_change", "train.sample_tokens", "train.compile", "train.compile_backend",
-    "train.compile_mode", "train.stop_on_divergence", "train.divergence_margin", "train.divergence_window", "device",
-    "detect_anomaly", "data.num_proc",
+    "train.allow_config_change", "train.wait_for_run_dir", "train.sample_tokens", "train.compile",
+    "train.compile_backend", "train.compile_mode", "train.stop_on_divergence", "train.divergence_margin",
+    "train.divergence_window", "device", "detect_anomaly", "data.num_proc",
 }
+# What a run writes in its run dir; RUN_FOLDERS are the folders among them
 RUN_FILES = ("config.yaml", REVISIONS_FILE, "metrics.jsonl", "summary.json", "environment.json", "checkpoints",
              "forensics", "wandb")
+RUN_FOLDERS = ("checkpoints", "forensics", "wandb")
+LOCK_FILE = "run.lock"
 
 
 def plain(cfg) -> dict:
@@ -83,21 +92,99 @@ def check_resume(logged: dict, cfg, step: int, allow: bool) -> dict[str, tuple]:
     return changes
 
 
+def _make_run_dir(path: Path) -> None:
+    """Create the run dir; refuse in one line one that is a file, not writable, or holds a run file of the
+    wrong kind (a metrics.jsonl that is a folder, a checkpoints that is a file)."""
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"the run dir {path} is an existing file; pass another hydra.run.dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise RunDirError(f"the run dir {path} is not writable ({error.strerror or error}); pass a "
+                          f"writable hydra.run.dir") from None
+    for name in RUN_FILES:
+        entry, folder = path / name, name in RUN_FOLDERS
+        if entry.exists() and entry.is_dir() != folder:
+            raise RunDirError(f"{entry} is a {'file' if folder else 'folder'} where a run keeps its {name} "
+                              f"{'folder' if folder else 'file'}; move it away or pass another hydra.run.dir")
+
+
+class RunDirLock:
+    """One run per run dir: an exclusive flock on <run dir>/run.lock, taken before minilm writes anything
+    there and held until the run ends. A second process is refused in one line naming the holder (pid, host,
+    start time), or waits for it with `wait`. The lock dies with its process (kill -9 included), so a lock
+    file a dead run left is simply taken over. Re-entrant within a process: the entry point and the code it
+    calls may each hold it. Data parallel: rank 0 holds it for every rank."""
+
+    _held: dict[str, list] = {}  # realpath -> [fd, depth]: the run dirs this process holds
+
+    def __init__(self, path: Path, wait: bool = False):
+        self.path, self.wait = Path(path), wait
+        self.key = None
+
+    def __enter__(self):
+        self.key = os.path.realpath(self.path)
+        held = self._held.get(self.key)
+        if held:
+            held[1] += 1
+            return self
+        _make_run_dir(self.path)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                if not self.wait:
+                    raise RunDirError(f"the run dir {self.path} is in use by another run ({holder}); wait for it "
+                                      f"to end, pass train.wait_for_run_dir=true to wait for it, or pass another "
+                                      f"hydra.run.dir") from None
+                log.warning(f"waiting for the run dir {self.path}: in use by another run ({holder})")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            record = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": datetime.now().astimezone().isoformat(timespec="seconds")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except BaseException:
+            os.close(fd)  # closing drops the lock if it was taken
+            raise
+        self._held[self.key] = [fd, 1]
+        return self
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            record = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            return f"pid {record['pid']} on host {record['host']}, started {record['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a process that has not recorded itself yet"
+
+    def __exit__(self, *exc) -> None:
+        held = self._held[self.key]
+        held[1] -= 1
+        if held[1] == 0:
+            del self._held[self.key]
+            os.close(held[0])  # the lock file stays: unlinking it would let two processes lock two files
+
+
+@contextlib.contextmanager
+def run_dirs_held(jobs):
+    """Hold the run dir lock of every job (anything with .run_dir and .cfg: an ensemble's members) inside."""
+    with contextlib.ExitStack() as held:
+        for job in jobs:
+            held.enter_context(RunDirLock(job.run_dir, wait=job.cfg.train.wait_for_run_dir))
+        yield
+
+
 class RunDir:
     """A run dir and what an earlier attempt left in it."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise RunDirError(f"the run dir {self.path} is an existing file; pass another hydra.run.dir")
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise RunDirError(f"the run dir {self.path} is not writable ({error.strerror or error}); pass a "
-                              f"writable hydra.run.dir") from None
+        _make_run_dir(self.path)
 
     def _read(self, name: str, parse) -> object:
         path = self.path / name
@@ -136,7 +223,10 @@ class RunDir:
             raise RunDirError(f"{self.path} holds a finished run with another config ({describe(changes)}); use "
                               f"another hydra.run.dir, or train.resume=none to archive it and train this one")
         log.info(f"{self.path} already finished (outcome {summary['outcome']} at step {summary['step']}); not "
-                 f"training it again (train.resume=none archives it and trains again)")
+                 f"training it again. To train it further, start a new run dir from its last checkpoint with "
+                 f"more steps: train.resume={self.path} train.max_steps=N train.allow_config_change=true "
+                 f"hydra.run.dir=NEW_DIR (N > {summary['step']}, NEW_DIR a new dir); train.resume=none archives "
+                 f"it and trains again from scratch")
         return summary
 
     def archive(self) -> Path | None:
@@ -208,18 +298,27 @@ class StepScalars:
         return step, loss, grad_norm
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal that stops the process at once; its message is the signal's name."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+
+
 class StopSignals:
-    """Install handlers (main thread only) so that a signal asks the run to stop after its current step."""
+    """Install handlers (main thread only) so that a signal asks the run to stop after its current step;
+    `at_once`: so that it raises Interrupted at once (outside the training steps)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self, at_once: bool = False):
         self.received: int | None = None
+        self.at_once = at_once
         self._previous: dict = {}
 
     def _handle(self, signum, _frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop at once
+        if self.at_once or (self.received is not None and signum == signal.SIGINT):
+            raise Interrupted(signum)  # nothing to finish, or the second Ctrl-C
         if self.received is None:
             self.received = signum
             log.warning(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint "
