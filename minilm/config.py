@@ -34,8 +34,10 @@ def choices(name: str, *values: str) -> type[Choice]:
     return Choice(name, {value: value for value in values})
 
 
-Placement = choices("Placement", "pre", "post", "sandwich")
-Init = choices("Init", "gpt2", "xavier")
+Placement = choices("Placement", "pre", "post", "sandwich", "reordered")
+Init = choices("Init", "gpt2", "xavier", "zero_proj")
+Position = choices("Position", "learned", "rope", "none")
+MlpKind = choices("MlpKind", "gelu", "relu2", "swiglu")
 NormKind = choices("NormKind", "layernorm", "rmsnorm", "dyt", "triton_layernorm", "triton_rmsnorm", "triton_dyt")
 PrecisionName = choices("PrecisionName", "fp32", "fp16", "bf16", "bf16_pure", "fp8")
 Rounding = choices("Rounding", "nearest", "stochastic", "kahan")
@@ -101,16 +103,44 @@ class ModelConfig:
     dropout: float = knob(0.0, fraction(high_open=True))
     bias: bool = True                                  # biases in linears and LayerNorm
     tie_embeddings: bool = True                        # the LM head is the token embedding
-    # pre: x + f(norm(x)); post: norm(x + f(x)); sandwich: x + norm(f(norm(x)))
+    # pre: x + f(norm(x)); post: norm(x + f(x)); sandwich: x + norm(f(norm(x))); reordered: x + norm(f(x)) (OLMo 2)
     placement: Placement = Placement.pre
-    # gpt2: N(0, 0.02), residual projections / sqrt(2 n_layer); xavier: Xiong et al. 2020
+    # gpt2: N(0, 0.02), residual projections / sqrt(2 n_layer); xavier: Xiong et al. 2020;
+    # zero_proj: gpt2's with the attention and MLP output projections at zero
     init: Init = Init.gpt2
     qk_norm: bool = False                              # normalize each head's queries and keys (Wortsman et al. 2023)
+    # learned: a position table (GPT-2); rope: rotary queries and keys (Su et al. 2021); none: causal mask only
+    position: Position = Position.learned
+    rope_theta: float | None = knob(None, positive)    # model.position=rope: the rotary base (null: 10000)
+    # gelu (GPT-2); relu2: ReLU squared (nanochat); swiglu: SiLU-gated, hidden 2/3 mlp_ratio d_model rounded up to 16
+    mlp: MlpKind = MlpKind.gelu
+    n_kv_head: int | None = knob(None, at_least(1))    # key/value heads (grouped-query attention); null: n_head
+    logit_softcap: float | None = knob(None, positive)  # final logits cap * tanh(x / cap) in fp32; null: off
+    attn_softcap: float | None = knob(None, positive)   # attention logits capped before the softmax; null: off
+    attn_gate: bool = False                            # a sigmoid gate on each head's output (Qiu et al. 2025)
+    embed_norm: bool = False                           # a norm right after the embedding (nanochat)
+    # nanochat's small-model tricks (docs/model.md)
+    value_embeds: bool = False                         # per-layer token tables added to the values through a gate
+    x0_blend: bool = False                             # learned blend of the embedding into each block's input
+    smear: bool = False                                # mix the previous token's embedding in through a gate
+    backout: bool = False                              # subtract a learned share of the mid-depth residual
 
     def cross_check(self) -> None:
         if self.d_model % self.n_head:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "
                               f"pick d_model a multiple of n_head")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ConfigError(f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}: each "
+                              f"key/value head serves a group of query heads; pick a divisor of n_head")
+        if self.position == "rope" and (self.d_model // self.n_head) % 2:
+            raise ConfigError(f"model.position=rope rotates pairs of channels, and the head size d_model/n_head = "
+                              f"{self.d_model // self.n_head} is odd; pick an even head size")
+        if self.rope_theta is not None and self.position != "rope":
+            raise ConfigError(f"model.rope_theta={self.rope_theta} applies to model.position=rope only, not "
+                              f"model.position={self.position}; drop it or set model.position=rope")
+        if self.backout and self.n_layer < 2:
+            raise ConfigError("model.backout=true subtracts the residual after block n_layer // 2, which with "
+                              f"model.n_layer={self.n_layer} is the last block; use n_layer >= 2 or backout=false")
 
 
 @dataclass
@@ -121,6 +151,8 @@ class NormConfig:
     eps: float = knob(1e-5, positive)
     affine: bool = True                                # learnable gain (and bias, for LayerNorm / DyT with model.bias)
     dyt_alpha: float = knob(0.5, positive)             # dyt kinds: the initial alpha of gamma * tanh(alpha * x) + beta
+    # LayerNorm Scaling (Sun et al. 2025): block l's input norms scaled by 1/sqrt(l) (pre and sandwich placements)
+    depth_scaling: bool = False
 
 
 @dataclass
@@ -342,6 +374,9 @@ def validate(cfg) -> None:
     for f in fields(Config):
         if hasattr(f.type, "cross_check"):
             OmegaConf.to_object(cfg[f.name]).cross_check()
+    if cfg.norm.depth_scaling and cfg.model.placement not in ("pre", "sandwich"):
+        raise ConfigError(f"norm.depth_scaling=true scales the norms at a sublayer's input, and "
+                          f"model.placement={cfg.model.placement} has none there; use placement=pre or sandwich")
     parse_device(cfg.device)
 
 

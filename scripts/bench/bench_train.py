@@ -49,7 +49,8 @@ def flops_per_token(trainer: Trainer) -> float:
     """6 N + 12 n_layer T d: N counts every matmul weight, the LM head included (tied to the token embedding
     or not, it is a vocab x d_model matmul); the embedding lookups are no matmul and not counted."""
     m, model = trainer.cfg.model, trainer.model
-    lookups = model.pos_emb.weight.numel() + (0 if model.cfg.tie_embeddings else model.tok_emb.weight.numel())
+    lookups = sum(e.weight.numel() for e in model.modules() if isinstance(e, torch.nn.Embedding)) \
+        - (model.tok_emb.weight.numel() if model.cfg.tie_embeddings else 0)
     matmul_params = sum(p.numel() for p in model.parameters()) - lookups
     return 6 * matmul_params + 12 * m.n_layer * m.block_size * m.d_model
 
