@@ -1,5 +1,5 @@
-"""Precision policy: the one object the trainer asks how to build the model and optimizer, and
-how to run forward, backward and step.
+"""Precision policy: the one object the trainer asks how to build the model (minilm/optim/ builds
+the optimizer for it), and how to run forward, backward and step.
 
     fp32       no autocast; optional TF32 matmuls on CUDA.
     bf16       autocast to bfloat16; no loss scaling (bf16 has fp32's exponent range).
@@ -100,19 +100,6 @@ class Precision:
 
             convert_to_fp8(model, self.fp8_recipe, self.device)
         return model
-
-    def optimizer(self, groups: list[dict], optim_cfg, seed: int) -> torch.optim.Optimizer:
-        """AdamW over the parameter groups: torch's fused one on fp32 weights, minilm's BF16AdamW on
-        bf16 ones (its stochastic rounding seeded by the run seed, the same on every rank)."""
-        betas = (optim_cfg.beta1, optim_cfg.beta2)
-        if self.name == "bf16_pure":
-            from minilm.bf16_pure import BF16AdamW
-
-            return BF16AdamW(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps, rounding=self.rounding,
-                             seed=seed)
-        # fused=True: one kernel for the whole update, and it honours the on-device found_inf
-        # flag (see `step`), so skipping needs no host sync.
-        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps, fused=True)
 
     def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
         """Clip the gradients to a global L2 norm of `max_norm`; return the norm before clipping. Under

@@ -51,6 +51,7 @@ from minilm.forensics import Forensics
 from minilm.lifecycle import RunDir, StepScalars, StopSignals, check_architecture, check_resume, plain
 from minilm.model import GPT, generate, lm_loss
 from minilm.numerics import NumericsCollector
+from minilm.optim import build_optimizer, lr_at, set_schedule
 from minilm.precision import Precision
 from minilm.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, torch_rng_state
 from minilm.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, Tracker
@@ -58,35 +59,10 @@ from minilm.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, Tracker
 log = logging.getLogger("minilm")
 
 
-def build_optimizer(model: torch.nn.Module, optim_cfg, precision: Precision, seed: int) -> torch.optim.Optimizer:
-    """AdamW (the precision's) with weight decay on matrices only: not on norm gains, biases or embeddings;
-    coupled to the LR (AdamW's) or independent of it (optim.independent_weight_decay)."""
-    decay, no_decay = [], []
-    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    for p in model.parameters():  # tied weights appear once
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    weight_decay = optim_cfg.weight_decay
-    if optim_cfg.independent_weight_decay:  # torch's AdamW decays by lr_t x weight_decay: divide the peak LR out
-        weight_decay /= optim_cfg.lr
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    return precision.optimizer(groups, optim_cfg, seed)
-
-
 def build_model(cfg, vocab_size: int, precision: Precision) -> GPT:
     """The run's GPT on the precision's device, in the precision's number formats."""
     model = GPT(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.norm), vocab_size)
     return precision.prepare_model(model.to(precision.device))
-
-
-def lr_at(step: int, optim_cfg, max_steps: int) -> float:
-    """Linear warmup from 0 to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
-    peak, warmup = optim_cfg.lr, optim_cfg.warmup_steps
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    floor = peak * optim_cfg.min_lr_ratio
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
 def compile_mode(cfg) -> str | None:
@@ -288,9 +264,7 @@ class Trainer:
         return batch
 
     def set_lr(self, step: int) -> None:
-        lr = lr_at(step, self.optim_cfg, self.train_cfg.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_schedule(self.optimizer, step, self.optim_cfg, self.train_cfg.max_steps)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One optimizer step; returns (mean cross-entropy, pre-clip grad norm) as device tensors.

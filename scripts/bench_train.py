@@ -34,7 +34,8 @@ import torch
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
 from minilm.cli import compose
 from minilm.model import lm_loss
-from minilm.trainer import Trainer, build_optimizer, lr_at
+from minilm.optim import build_optimizer, set_schedule
+from minilm.trainer import Trainer
 
 
 def sync(device: torch.device) -> None:
@@ -113,8 +114,7 @@ def bare_loop(trainer: Trainer):
     def steps(n: int) -> None:
         nonlocal step
         for _ in range(n):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, trainer.cfg.optim, train_cfg.max_steps)
+            set_schedule(optimizer, step, trainer.cfg.optim, train_cfg.max_steps)
             for _ in range(train_cfg.grad_accum):
                 x, y = trainer.next_batch()
                 with precision.autocast():

@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 
 from minilm import checkpoint
 from minilm.cli import compose
+from minilm.optim import build_optimizer
 from minilm.precision import Precision
-from minilm.trainer import build_optimizer
 from tests.helpers import losses, make_trainer, run_training
 
 PRECISIONS = ["fp32", "fp16", "bf16", "bf16_pure", "bf16_pure_nearest", "bf16_pure_kahan", "fp8", "fp8_rowwise"]
