@@ -44,7 +44,7 @@ def own_storage(state, copies: dict | None = None):
     """`state` with every tensor that is a view into a larger storage replaced by a copy of itself.
 
     torch.save writes a tensor's whole storage: a view into stacked parameters (an ensemble member's
-    weights, minilm/ensemble.py) would otherwise carry every member's weights into one member's file.
+    weights, minilm/train/ensemble.py) would otherwise carry every member's weights into one member's file.
     Tensors that own their storage are kept as they are (tied weights stay one tensor)."""
     copies = {} if copies is None else copies
     if isinstance(state, torch.Tensor):

@@ -1,7 +1,7 @@
 """The typed config schema: each key's type, default and valid range, written once, side by side.
 
 `Config` is the schema of the whole config and each field's dataclass the schema of one
-config group (model, norm, precision, ...). The entry layer (minilm/cli.py) registers it
+config group (model, norm, precision, ...). The entry layer (minilm/launch/cli.py) registers it
 with Hydra, so OmegaConf itself rejects a value of the wrong type (a bool, an int, a float,
 one of an enum's choices) while composing; the YAML files in configs/ hold only what differs
 from these defaults. `validate` then checks ranges and cross-field rules, and
@@ -200,13 +200,19 @@ class OptimConfig:
     muon_momentum_warmup: int = knob(300, at_least(0))
     muon_nesterov: bool = True
     muon_ns_steps: int = knob(5, at_least(1))          # Newton-Schulz iterations
-    # the iteration's dtype; auto: the autocast dtype under precision=bf16 / fp8 (as nanochat), else fp32 (fp16's
-    # range is too narrow for it, and CPUs without fast bf16 GEMMs take ~100x longer in bf16)
+    # the iteration's dtype (torch.optim.Muon's is always bf16); auto: the autocast dtype under precision=bf16 /
+    # fp8, else fp32 (fp16's range is too narrow for it), as nanochat
     muon_ns_dtype: MuonNsDtype = MuonNsDtype.auto
     # torch.optim.Muon's adjust_lr_fn: original scales a matrix's LR by sqrt(max(1, rows / cols)) (Keller
     # Jordan); match_rms_adamw by 0.2 sqrt(max(rows, cols)), the update RMS of AdamW (Moonlight), so AdamW's
     # LR and weight decay carry over
     muon_adjust_lr: MuonAdjustLR = MuonAdjustLR.original
+    # skip-step (OLMo-core's rule, minilm/optim/skip_step.py): skip, on device, an update whose loss or
+    # pre-clip gradient norm is more than skip_spikes_sigma standard deviations from the mean of the last
+    # skip_spikes_window steps (counted in optim/skipped_spikes)
+    skip_spikes: bool = False
+    skip_spikes_window: int = knob(128, at_least(2))
+    skip_spikes_sigma: float = knob(6.0, positive)
 
     def cross_check(self) -> None:
         if self.name == "adamw":
@@ -296,7 +302,7 @@ class DiagnosticsConfig:
     norm_probe: bool = False
 
 
-# The figures a study can ask its report for (minilm/report.py draws them).
+# The figures a study can ask its report for (minilm/analysis/report.py draws them).
 FIGURES = ("loss_curves", "final_loss_vs_lr", "grad_norm_by_layer", "attn_logit_max", "attn_entropy", "logz",
            "fp16_scale", "update_rms", "norm_error", "numerics")
 
@@ -420,7 +426,7 @@ def check_runnable(cfg, device) -> None:
         raise ConfigError(f"train.compile_mode=reduce-overhead replays CUDA graphs, which need a CUDA device, and "
                           f"this run is on {device}; use train.compile_mode=default there")
     if cfg.precision.name == "fp8":
-        from minilm.fp8 import fp8_unavailable_reason
+        from minilm.precision.fp8 import fp8_unavailable_reason
 
         reason = fp8_unavailable_reason(cfg.model, str(cfg.precision.fp8_recipe),
                                         cfg.train.batch_size * cfg.model.block_size)

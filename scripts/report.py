@@ -1,8 +1,8 @@
-"""`minilm-report` from a checkout: see minilm/report.py (python scripts/report.py --help)."""
+"""`minilm-report` from a checkout: see minilm/analysis/report.py (python scripts/report.py --help)."""
 
 import sys
 
-from minilm.report import main
+from minilm.analysis.report import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from minilm.cli import compose
-from minilm.tracking import read_metrics
-from minilm.trainer import Trainer, train
+from minilm.launch.cli import compose
+from minilm.train.tracking import read_metrics
+from minilm.train.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,15 +42,15 @@ def peek_batch(trainer: Trainer):
     return batch
 
 
-def load_script(name: str):
-    """A script of scripts/ as a module, the way `python scripts/<name>.py` sees its siblings."""
+def load_script(name: str, folder: str):
+    """A script of scripts/<folder>/ as a module, the way `python scripts/<folder>/<name>.py` sees its siblings."""
     import importlib
 
-    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "scripts" / folder))
     try:
         return importlib.import_module(name)
     finally:
-        sys.path.remove(str(ROOT / "scripts"))
+        sys.path.remove(str(ROOT / "scripts" / folder))
 
 
 def train_command(overrides: list[str], run_dir: Path, launcher=(sys.executable,)) -> list[str]:

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from minilm.bf16_pure import ROUNDINGS, BF16AdamW, bytes_per_param, stochastic_round_to_bf16
 from minilm.config import ModelConfig, NormConfig
 from minilm.model import GPT, lm_loss
+from minilm.precision.bf16_pure import ROUNDINGS, BF16AdamW, bytes_per_param, stochastic_round_to_bf16
 
 VOCAB = 64
 

@@ -3,9 +3,9 @@ eager one (CPU: the aot_eager backend, the same graph without code generation)."
 
 import pytest
 
-from minilm.cli import compose, preflight
-from minilm.ensemble import MemberJob, train_ensemble
-from minilm.tracking import read_metrics
+from minilm.launch.cli import compose, preflight
+from minilm.train.ensemble import MemberJob, train_ensemble
+from minilm.train.tracking import read_metrics
 from tests.helpers import losses, with_tiny
 
 

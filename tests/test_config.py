@@ -6,8 +6,8 @@ import sys
 import pytest
 import yaml
 
-from minilm.cli import CONFIG_DIR, compose, group_options, jobs_of, preflight
 from minilm.config import validate
+from minilm.launch.cli import CONFIG_DIR, compose, group_options, jobs_of, preflight
 
 GROUPS = ["model", "norm", "precision", "data", "optim", "logger"]
 

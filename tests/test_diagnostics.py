@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilm.cli import compose, preflight
 from minilm.config import validate
-from minilm.diagnostics import PROBE_STDS, SpikeScore, beyond_fp16, norm_probe_errors, param_group
+from minilm.launch.cli import compose, preflight
 from minilm.norms import build_norm
-from minilm.tracking import read_metrics
+from minilm.train.diagnostics import PROBE_STDS, SpikeScore, beyond_fp16, norm_probe_errors, param_group
+from minilm.train.tracking import read_metrics
 from tests.helpers import losses, make_trainer, peek_batch, run_training
 
 N_LAYER = 2  # size=test's

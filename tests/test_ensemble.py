@@ -1,4 +1,4 @@
-"""Batched ensembles (minilm/ensemble.py): each member trains as the same run made alone, to a stated
+"""Batched ensembles (minilm/train/ensemble.py): each member trains as the same run made alone, to a stated
 tolerance; a diverging or non-finite member touches no other; a member's checkpoint is a solo run's;
 hydra/launcher=ensemble groups a multirun and prints the plan; hydra/launcher=parallel runs jobs side by side.
 
@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from minilm import checkpoint
-from minilm.cli import compose
-from minilm.ensemble import Ensemble, MemberJob, ensemble_key, split, train_ensemble, unbatchable_reason
 from minilm.errors import EXIT_INPUT_ERROR
+from minilm.launch.cli import compose
 from minilm.seeding import rng_state
-from minilm.tracking import read_metrics
-from minilm.trainer import Trainer, train
+from minilm.train.ensemble import Ensemble, MemberJob, ensemble_key, split, train_ensemble, unbatchable_reason
+from minilm.train.tracking import read_metrics
+from minilm.train.trainer import Trainer, train
 from tests.helpers import ROOT, losses, with_tiny
 
 MEMBER_RTOL = 1e-5  # fp32, 10 steps: measured up to 1.6e-7

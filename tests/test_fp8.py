@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from minilm.config import ModelConfig, NormConfig
-from minilm.fp8 import FP8_RECIPES, convert_to_fp8, fp8_casts, fp8_path, fp8_unavailable_reason
 from minilm.model import GPT, lm_loss
+from minilm.precision.fp8 import FP8_RECIPES, convert_to_fp8, fp8_casts, fp8_path, fp8_unavailable_reason
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh: the dry run passes every section on CPU within the file limits of the
+"""scripts/gpu/gpu_check.sh: the dry run passes every section on CPU within the file limits of the
 device tool, a real part refuses to start without a complete wheel set, and the wheel check
 resolves what the carried wheels require."""
 
@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import load_script
 
-gpu_setup = load_script("gpu_setup")
+gpu_setup = load_script("gpu_setup", "gpu")
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_SECTIONS = ["setup", "correctness", "collect-only gpu-marked tests", "bandwidth", "precision", "setup",
@@ -28,7 +28,7 @@ MAX_FILES, MAX_FOLDERS = 8, 2  # what the device tool brings back from $OUT
 def gpu_check(args: list[str], out: Path, **env) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script decides
     environment.update(OUT=str(out), PYTHON=sys.executable, **env)
-    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args], cwd=ROOT, env=environment,
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu" / "gpu_check.sh"), *args], cwd=ROOT, env=environment,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -80,16 +80,16 @@ def test_dry_run_passes_every_section_within_the_file_limits(tmp_path):
     assert step["members"] == 7 and all(ratio > 0 for ratio in step["ratios"].values())
 
     # The results page of a dry run says what it is and never lands under benchmarks/ by default.
-    refused = subprocess.run([sys.executable, "scripts/gpu_results.py", str(out)], cwd=ROOT, capture_output=True,
+    refused = subprocess.run([sys.executable, "scripts/gpu/gpu_results.py", str(out)], cwd=ROOT, capture_output=True,
                              text=True)
     assert refused.returncode != 0 and "dry-run" in refused.stderr
     page = tmp_path / "page"
-    subprocess.run([sys.executable, "scripts/gpu_results.py", str(out), "--out", str(page)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "scripts/gpu/gpu_results.py", str(out), "--out", str(page)], cwd=ROOT, check=True)
     text = (page / "README.md").read_text()
     assert "**CPU dry run**" in text and "| met |" not in text and "MISSED" not in text
     assert (page / "part1" / "correctness.json").exists() and (page / "part2" / "check.log").exists()
     assert (page / "part3" / "sweep_tiny.json").exists() and "## Sweep throughput" in text
-    assert "Step level (`scripts/bench_ensemble.py`)" in text and (page / "part3" / "step_tiny.json").exists()
+    assert "Step level (`scripts/bench/bench_ensemble.py`)" in text and (page / "part3" / "step_tiny.json").exists()
 
 
 def test_a_real_part_without_wheels_stops_at_once_with_one_line(tmp_path):
@@ -145,7 +145,7 @@ def test_verify_names_an_unmet_requirement(tmp_path, requirement, problem):
 
 def test_results_page_judges_each_goal_from_the_json(tmp_path):
     """Synthetic GPU results (made-up inputs, not measurements): each goal is met or missed by its figure."""
-    bench_norms, gpu_results = load_script("bench_norms"), load_script("gpu_results")
+    bench_norms, gpu_results = load_script("bench_norms", "bench"), load_script("gpu_results", "gpu")
 
     part1, part2 = tmp_path / "part1", tmp_path / "part2"
     part1.mkdir()

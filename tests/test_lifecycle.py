@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from minilm import checkpoint, reproduce
-from minilm.cli import compose
+from minilm import checkpoint
 from minilm.errors import EXIT_DIVERGED, EXIT_INPUT_ERROR, EXIT_INTERRUPTED, ConfigError
-from minilm.tracking import read_metrics, run_naming
-from minilm.trainer import Trainer, train
+from minilm.launch import reproduce
+from minilm.launch.cli import compose
+from minilm.train.tracking import read_metrics, run_naming
+from minilm.train.trainer import Trainer, train
 from tests.helpers import ROOT, losses, make_trainer, run_training, train_command, with_tiny
 
 COMMON = ["deterministic=true", "optim.warmup_steps=0", "model.dropout=0.1", "train.max_steps=12"]
@@ -217,7 +218,7 @@ def test_rerunning_a_sweep_skips_finished_jobs_and_duplicates_nothing(tmp_path):
 
 
 def test_an_experiment_without_multirun_says_so(tmp_path):
-    from minilm.cli import preflight
+    from minilm.launch.cli import preflight
 
     error = preflight(["experiment=postnorm_warmup"])
     assert error and "\n" not in error and "add -m" in error and "optim.warmup_steps" in error
@@ -296,7 +297,7 @@ def test_data_parallel_ranks_agree_on_a_stop_at_flush_boundaries_only(tmp_path, 
     boundary with a checkpoint. Collectives stand in for the second rank (this one's values)."""
     import torch.distributed as dist
 
-    from minilm import trainer as trainer_module
+    from minilm.train import trainer as trainer_module
 
     trainer = make_trainer(["train.max_steps=12", "train.log_interval=5", "train.eval_interval=0",
                             "train.ckpt_interval=0"], tmp_path)

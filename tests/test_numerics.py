@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from minilm.config import ModelConfig, NormConfig
-from minilm.fp8 import convert_to_fp8
 from minilm.model import GPT, lm_loss
-from minilm.numerics import FORMATS, TENSOR_CLASSES, NumericsCollector, format_stats, format_thresholds
+from minilm.precision.fp8 import convert_to_fp8
+from minilm.train.numerics import FORMATS, TENSOR_CLASSES, NumericsCollector, format_stats, format_thresholds
 
 K = 7  # planted elements of each kind
 N_NORMAL, N_ZERO = 50, 5

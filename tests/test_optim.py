@@ -1,18 +1,31 @@
 """minilm/optim: parameter groups, Muon against torch.optim.Muon, and optim=muon through the trainer."""
 
+import copy
 import math
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from minilm.cli import compose
 from minilm.errors import ConfigError
+from minilm.launch.cli import compose
 from minilm.model import GPT
 from minilm.optim import build_optimizer, muon_momentum_at, parameter_kinds, set_schedule
 from minilm.optim.muon import Muon, MuonAdamW, newton_schulz
-from minilm.precision import Precision
-from tests.helpers import losses, make_trainer, run_training
+from minilm.optim.skip_step import SpikeSkip
+from minilm.precision.policy import Precision
+from tests.helpers import make_trainer
+
+
+def flat_tensors(state) -> list[torch.Tensor]:
+    """Every tensor of a (nested) state dict, in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for key in sorted(state, key=str) for t in flat_tensors(state[key])]
+    if isinstance(state, (list, tuple)):
+        return [t for item in state for t in flat_tensors(item)]
+    return []
 
 
 def gpt(overrides: list[str]) -> tuple[GPT, object]:
@@ -154,20 +167,6 @@ def test_muon_trains_under_each_precision_and_skips_a_nonfinite_step_whole(preci
     assert not torch.equal(trainer.model.blocks[0].mlp.fc.weight, snapshot["blocks.0.mlp.fc.weight"])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_muon_resume_equals_uninterrupted(precision, tmp_path):
-    common = ["deterministic=true", "optim=muon", "optim.warmup_steps=0", "optim.muon_momentum_warmup=4",
-              f"precision={precision}", "train.max_steps=8", "model.tie_embeddings=false"]
-    full = losses(run_training(common, tmp_path / "full"))
-    trainer = make_trainer(common, tmp_path / "split")
-    trainer.fit(until_step=5)
-    trainer.save_checkpoint()
-    trainer.close()
-    rows = run_training(common + ["train.ckpt_interval=0"], tmp_path / "split")
-    assert losses(rows) == full
-
-
 def test_a_muon_state_does_not_load_into_adamw_silently(tmp_path):
     model, cfg = gpt(["optim=muon"])
     state = build_optimizer(model, cfg.optim, cpu_precision(cfg), 0).state_dict()
@@ -185,3 +184,59 @@ def test_the_schedule_reaches_both_parts_after_a_state_is_loaded():
     set_schedule(optimizer, 10**6, cfg.optim, 100)
     assert all(group["lr"] == pytest.approx(0.02 * cfg.optim.min_lr_ratio)
                for part in optimizer.parts.values() for group in part.param_groups)
+
+
+def olmo_skips(history: list[tuple[float, float]], window: int, sigma: float) -> list[bool]:
+    """OLMo-core's SkipStepOptimizer.get_step_factor, written out in float64: per step, skipped or not."""
+    decisions = []
+    for i, current in enumerate(history):
+        before = torch.tensor(history[max(0, i - window):i], dtype=torch.float64)
+        if i + 1 < max(20, window // 2):
+            decisions.append(False)
+            continue
+        std, mean = torch.std_mean(before, dim=0)
+        z = (torch.tensor(current, dtype=torch.float64) - mean).abs() / std
+        decisions.append(bool((z > sigma).any()))
+    return decisions
+
+
+def test_skip_step_follows_olmo_cores_rule():
+    generator = torch.Generator().manual_seed(0)
+    loss = 3 + 0.1 * torch.randn(200, generator=generator, dtype=torch.float64)
+    grad_norm = 1 + 0.05 * torch.randn(200, generator=generator, dtype=torch.float64)
+    loss[[15, 60, 61, 150]] += 5  # before the history is long enough, and spikes after it
+    grad_norm[[100, 170]] *= 10
+    loss[120] -= 5  # OLMo-core's test is two-sided
+    history = list(zip(loss.tolist(), grad_norm.tolist()))
+    skipper = SpikeSkip(window=40, sigma=6.0, device=torch.device("cpu"))
+    ours = [bool(skipper.decide(torch.tensor(a), torch.tensor(b))) for a, b in history]
+    assert ours == olmo_skips(history, 40, 6.0)
+    assert [i for i, skipped in enumerate(ours) if skipped] == [60, 61, 100, 120, 150, 170]
+    assert int(skipper.skipped) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision,optim", [("fp32", "adamw"), ("fp16", "adamw"), ("fp32", "muon"),
+                                             ("fp16", "muon"), ("bf16_pure", "adamw")])
+def test_skip_step_skips_an_injected_spike_bitwise_and_nothing_else(precision, optim, tmp_path):
+    trainer = make_trainer([f"precision={precision}", f"optim={optim}", "optim.skip_spikes=true",
+                            "optim.skip_spikes_window=20", "train.grad_clip=0"], tmp_path)
+    spike_at, calls = 24, {"n": 0}
+
+    def spike(grad):
+        calls["n"] += 1
+        return grad * 1e3 if calls["n"] == spike_at else grad
+
+    trainer.model.blocks[0].mlp.fc.weight.register_hook(spike)
+    for step in range(1, 28):
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        state = copy.deepcopy(list(trainer.optimizer.state.values()))  # (stochastic rounding draws its bits anyway)
+        trainer.train_step()
+        unchanged = all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+        assert unchanged == (step == spike_at), step
+        if step == spike_at:  # the optimizer's state too
+            after = list(trainer.optimizer.state.values())
+            assert all(torch.equal(a, b) for a, b in zip(flat_tensors(state), flat_tensors(after)))
+    assert int(trainer.spike_skip.skipped) == 1
+    if precision == "fp16":
+        assert trainer.precision.scale() == trainer.cfg.precision.init_scale  # a spike is not an overflow

@@ -6,9 +6,9 @@ import math
 import pytest
 import scipy.stats
 
-from minilm import report
-from minilm.divergence import DivergenceMonitor
-from minilm.runs import RunRecord
+from minilm.analysis import report
+from minilm.analysis.runs import RunRecord
+from minilm.train.divergence import DivergenceMonitor
 
 
 @pytest.mark.parametrize("dof", [1, 2, 5, 10, 29, 30, 31, 45, 120, 1000])
@@ -155,7 +155,7 @@ def lr_qknorm_runs(stable_qk_norm: bool) -> list[RunRecord]:
 
 @pytest.mark.parametrize("stable_qk_norm", [True, False])
 def test_verdicts_are_computed_from_the_data(stable_qk_norm):
-    from minilm.studies import verdicts
+    from minilm.analysis.studies import verdicts
 
     runs = lr_qknorm_runs(stable_qk_norm)
     sweep = report.Sweep([report.run_stats(r) for r in runs], report.swept_keys([r.config for r in runs]))
@@ -171,7 +171,7 @@ def test_verdicts_are_computed_from_the_data(stable_qk_norm):
 
 
 def test_a_verdict_without_the_runs_it_needs_says_so():
-    from minilm.studies import verdicts
+    from minilm.analysis.studies import verdicts
 
     runs = [r for r in lr_qknorm_runs(True) if not r.config["model"]["qk_norm"]]  # the qk-norm arm is missing
     sweep = report.Sweep([report.run_stats(r) for r in runs], report.swept_keys([r.config for r in runs]))

@@ -6,9 +6,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from minilm.cli import CONFIG_DIR, compose, group_options, preflight
+from minilm.analysis.studies import EXPECTATIONS
 from minilm.config import FIGURES
-from minilm.studies import EXPECTATIONS
+from minilm.launch.cli import CONFIG_DIR, compose, group_options, preflight
 from tests.helpers import run_training
 
 ROOT = CONFIG_DIR.parent
@@ -39,7 +39,7 @@ def test_study_declares_its_report(name):
     assert set(FIGURE_METRICS) == set(FIGURES)
     swept = set(sweep_params(name))
     assert study.panel is None or study.panel in swept or study.panel.split(".")[0] in swept  # a group sweep
-    assert len(EXPECTATIONS[name]) >= 1  # its verdicts, computed from the runs (minilm/studies.py)
+    assert len(EXPECTATIONS[name]) >= 1  # its verdicts, computed from the runs (minilm/analysis/studies.py)
 
 
 def one_point(name: str) -> list[str]:

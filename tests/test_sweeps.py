@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import minilm.runs
-from minilm import report, reproduce
-from minilm.tracking import WANDB_CONFIG_FILE, read_metrics, run_naming
+import minilm.analysis.runs
+from minilm.analysis import report
+from minilm.launch import reproduce
+from minilm.train.tracking import WANDB_CONFIG_FILE, read_metrics, run_naming
 from tests.helpers import with_tiny
 
 pytestmark = pytest.mark.slow  # real runs in subprocesses: signals, torchrun, sweeps
@@ -145,7 +146,7 @@ class FakeApi:
 
 def test_report_from_wandb_matches_the_local_one(sweep, monkeypatch, tmp_path):
     api = FakeApi(sweep)
-    monkeypatch.setattr(minilm.runs, "wandb_api", lambda: api)
+    monkeypatch.setattr(minilm.analysis.runs, "wandb_api", lambda: api)
     assert report.main(["someone/minilm", "--group", "model.placement", "--out", str(tmp_path / "wandb")]) == 0
     assert api.calls == [("someone/minilm", {"group": {"$regex": "model.placement"}})]
     assert report.main([str(sweep), "--out", str(tmp_path / "local")]) == 0
@@ -215,7 +216,7 @@ def test_reproduce_from_a_local_wandb_run_dir(sweep, tmp_path, capsys):
 
 def test_reproduce_from_a_wandb_run_path_through_the_api(sweep, tmp_path, capsys, monkeypatch):
     api = FakeApi(sweep)
-    monkeypatch.setattr(minilm.runs, "wandb_api", lambda: api)
+    monkeypatch.setattr(minilm.analysis.runs, "wandb_api", lambda: api)
     run_id = json.loads((job_dirs(sweep)[2] / "environment.json").read_text())["wandb_run_id"]
     code, out, err = reproduce_main([f"someone/minilm/{run_id}", "--verify", "3", "--out", str(tmp_path / "again"),
                                      "logger.backend=none"], capsys)

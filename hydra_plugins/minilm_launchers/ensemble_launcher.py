@@ -3,12 +3,12 @@
     python train.py -m experiment=lr_qknorm size=tiny hydra/launcher=ensemble
 
 Hydra runs plugins only from the `hydra_plugins` package, so the launcher lives here; the work is in
-minilm/ensemble.py. Every job is composed first and grouped by `minilm.ensemble.ensemble_key` (what the
+minilm/train/ensemble.py. Every job is composed first and grouped by `minilm.train.ensemble.ensemble_key` (what the
 batched forward and backward share); a group larger than memory allows (an estimate per member against
 the device's free memory, and hydra.launcher.max_members) is split. The plan is printed before anything
 starts. Each member gets its job dir, `.hydra/` files and Hydra callbacks exactly as a job run alone
 (Hydra's own `run_job` makes them), then the group trains as one `Ensemble`. Jobs that cannot be batched
-(minilm.ensemble.unbatchable_reason) and groups of one run alone, as with the basic launcher.
+(minilm.train.ensemble.unbatchable_reason) and groups of one run alone, as with the basic launcher.
 
 With hydra.launcher.n_jobs=N > 1 the units (ensembles and runs alone) train N at a time, each in a process
 of its own with cores / N CPU threads, and every group is split into at least N ensembles so that the
@@ -92,7 +92,7 @@ class EnsembleLauncher(Launcher):
         import torch
 
         from minilm.config import resolve_device
-        from minilm.ensemble import available_bytes, ensemble_key, member_bytes, split, unbatchable_reason
+        from minilm.train.ensemble import available_bytes, ensemble_key, member_bytes, split, unbatchable_reason
 
         groups: dict[tuple, list[int]] = {}
         alone: dict[int, str] = {}
@@ -139,7 +139,7 @@ class EnsembleLauncher(Launcher):
     def _register(self, configs: list[DictConfig]) -> tuple[list[JobReturn], list, str | None]:
         """Make each job's dir through Hydra's run_job (its .hydra/ files, callbacks) without training it:
         the JobReturns, the jobs as MemberJobs, and the name of the job's log file."""
-        from minilm.ensemble import MemberJob
+        from minilm.train.ensemble import MemberJob
 
         members: list[MemberJob] = []
 
@@ -157,7 +157,7 @@ class EnsembleLauncher(Launcher):
     def _launch_side_by_side(self, units: list[list[int]], configs: list[DictConfig], first: int) -> list[JobReturn]:
         """Every unit's job dirs made here, then the units trained n_jobs at a time in processes of their own.
         Ctrl-C reaches every process: each unit checkpoints and ends `interrupted`, as in one process."""
-        from minilm.cli import input_errors, job_result, threads_per_job
+        from minilm.launch.cli import input_errors, job_result, threads_per_job
 
         registered = [self._register([configs[i] for i in unit]) for unit in units]
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -187,8 +187,8 @@ class EnsembleLauncher(Launcher):
     def _run_ensemble(self, configs: list[DictConfig], label: str) -> list[JobReturn]:
         """Make each member's job dir through Hydra's run_job (its .hydra/ files, callbacks), then train them
         as one ensemble; each JobReturn carries its member's result, as the job alone would."""
-        from minilm.cli import input_errors, job_result
-        from minilm.ensemble import train_ensemble
+        from minilm.launch.cli import input_errors, job_result
+        from minilm.train.ensemble import train_ensemble
 
         returns, members, log_name = self._register(configs)
         # every member's train.log gets the ensemble's log (run_job left the last member's file handler)
@@ -238,8 +238,8 @@ def _worker_setup(threads: int) -> None:
 def _train_unit(members: list, log_name: str | None, label: str) -> list[dict]:
     """Train one unit in a worker process: an ensemble, or a run alone as the basic launcher runs it.
     Returns the summaries in order."""
-    from minilm.ensemble import train_ensemble
-    from minilm.trainer import train
+    from minilm.train.ensemble import train_ensemble
+    from minilm.train.trainer import train
 
     with _log_to(members, log_name):
         if len(members) == 1:

@@ -1,5 +1,5 @@
 """Float64 truth and tolerances for the Triton norms, shared by tests/test_triton_norms.py and the
-GPU check's kernel sweep (scripts/gpu_correctness.py), so both hold the kernels to one standard.
+GPU check's kernel sweep (scripts/gpu/gpu_correctness.py), so both hold the kernels to one standard.
 
 On CPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1 before triton is imported);
 with CUDA everything here runs on the GPU.

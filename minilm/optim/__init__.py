@@ -24,6 +24,7 @@ import math
 import torch
 
 from minilm.errors import ConfigError
+from minilm.optim.skip_step import fold_skip
 
 KINDS = ("matrix", "embed", "head", "scalar")
 
@@ -93,11 +94,19 @@ def adamw(groups: list[dict], optim_cfg, precision, seed: int) -> torch.optim.Op
     the run seed, the same on every rank)."""
     betas = (optim_cfg.beta1, optim_cfg.beta2)
     if precision.name == "bf16_pure":
-        from minilm.bf16_pure import BF16AdamW
+        from minilm.precision.bf16_pure import BF16AdamW
 
         return BF16AdamW(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps, rounding=precision.rounding,
                          seed=seed)
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps, fused=True)
+    return AdamW(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps, fused=True)
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW that also honours skip-step's flag under the fp16 scaler (minilm/optim/skip_step.py)."""
+
+    def step(self, closure=None):
+        fold_skip(self)
+        return super().step(closure)
 
 
 def ns_dtype(optim_cfg, precision) -> str:

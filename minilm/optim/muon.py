@@ -4,9 +4,9 @@
 momentum, Newton-Schulz orthogonalization of the update, decoupled weight decay, `adjust_lr_fn`)
 with its own `step`, for two things torch's lacks:
 
-- the dtype of the Newton-Schulz iteration (`ns_dtype`): torch's always runs it in bf16, which on
-  CPUs without fast bf16 GEMMs is the whole step's cost (60 ms per 384 x 128 matrix measured on a
-  2-core VM, where fp32 takes 0.5 ms); in bf16 the step is torch's op for op (tested bitwise);
+- the dtype of the Newton-Schulz iteration (`ns_dtype`): torch's always runs it in bf16; minilm runs it
+  in the run's compute dtype by default (bf16 under bf16 / fp8 autocast, fp32 otherwise, as nanochat
+  does), so an fp32 run is fp32 throughout; in bf16 the step is torch's op for op (tested bitwise);
 - the on-device `found_inf` flag that torch's fused AdamW honours (`_step_supports_amp_scaling`):
   a step with a non-finite gradient (or one skip-step refuses) leaves weights and momentum as they
   were, bitwise, without a host sync.
@@ -21,6 +21,8 @@ state_dict holding both parts.
 import math
 
 import torch
+
+from minilm.optim.skip_step import fold_skip
 
 NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -106,6 +108,7 @@ class MuonAdamW:
     def step(self, closure=None):
         if closure is not None:
             raise RuntimeError("MuonAdamW.step takes no closure")
+        fold_skip(self)
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         for part in self.parts.values():
             if found_inf is not None:

@@ -17,9 +17,9 @@ from pathlib import Path
 import yaml
 
 from minilm.errors import SourceError
-from minilm.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, read_metrics
+from minilm.train.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, read_metrics
 
-REVISIONS_FILE = "config_revisions.yaml"  # config changes a resumed run accepted (minilm/lifecycle.py)
+REVISIONS_FILE = "config_revisions.yaml"  # config changes a resumed run accepted (minilm/train/lifecycle.py)
 
 
 @dataclass

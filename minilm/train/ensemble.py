@@ -42,12 +42,12 @@ from torch.func import functional_call, vmap
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from minilm.analysis.runs import flatten
 from minilm.data import prepare_data
-from minilm.lifecycle import RunDir, StopSignals, plain
 from minilm.model import lm_loss
-from minilm.runs import flatten
 from minilm.seeding import rng_state, set_rng_state, torch_rng_state
-from minilm.trainer import Trainer, compile_mode, samples
+from minilm.train.lifecycle import RunDir, StopSignals, plain
+from minilm.train.trainer import Trainer, compile_mode, samples
 
 log = logging.getLogger("minilm")
 
@@ -207,7 +207,7 @@ class Ensemble:
         return results
 
     def _samples(self, trainers: list[Trainer]) -> list[str]:
-        """The end-of-run samples of these members, as each draws it alone (minilm.trainer.samples), one batched
+        """The end-of-run samples of these members, as each draws it alone (minilm.train.trainer.samples), one batched
         forward per token for all of them (a sample costs a forward per token: hundreds of tiny ones)."""
         rows = torch.tensor([self.members.index(trainer) for trainer in trainers], device=self.members[0].device)
         params = {name: stacked.detach().index_select(0, rows) for name, stacked in self.params.items()}

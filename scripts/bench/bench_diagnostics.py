@@ -1,7 +1,7 @@
 """What the stability diagnostics and forensics cost, as a fraction of training time.
 
-    python scripts/bench_diagnostics.py                      # default config
-    python scripts/bench_diagnostics.py model=small precision=bf16 --rounds 10
+    python scripts/bench/bench_diagnostics.py                      # default config
+    python scripts/bench/bench_diagnostics.py model=small precision=bf16 --rounds 10
 
 One Trainer runs four kinds of step in turn, step by step, so that load from anything else
 on the machine falls on all of them alike:
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
-from minilm.cli import compose
-from minilm.trainer import Trainer
+from minilm.launch.cli import compose
+from minilm.train.trainer import Trainer
 
 # (diagnostics interval, forensics, numerics telemetry)
 KINDS = {"bare": (0, False, False), "forensics": (0, True, False), "diag": (1, True, False), "sampled": (1, True, True)}

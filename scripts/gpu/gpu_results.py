@@ -1,7 +1,7 @@
 """Turn the GPU check's results into benchmarks/h200/<date>/: the raw JSON and one Markdown page.
 
-    python3 scripts/gpu_results.py gpu-results                # RESULTS/part1, part2 and/or part3
-    python3 scripts/gpu_results.py /tmp/dry --out /tmp/page   # a dry run's results (never under benchmarks/)
+    python3 scripts/gpu/gpu_results.py gpu-results                # RESULTS/part1, part2 and/or part3
+    python3 scripts/gpu/gpu_results.py /tmp/dry --out /tmp/page   # a dry run's results (never under benchmarks/)
 
 Copies every part's JSON files and check.log, and writes README.md: date, device, driver and
 versions; each section's PASS / FAIL / SKIP line; every goal with its target, the measured figure
@@ -18,10 +18,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench_norms import GOALS as NORM_GOALS
-from bench_norms import figure, markdown
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))  # the norm benchmark's goals, figure and tables
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench_norms import GOALS as NORM_GOALS  # noqa: E402
+from bench_norms import figure, markdown  # noqa: E402
+
 PARTS = ("part1", "part2", "part3")
 SWEEP_GOALS = {  # part 3: (sweep JSON stem, what, target ratio of runs per hour, batched vs in turn)
     "tiny": ("sweep: lr_qknorm, size=tiny, batched ensembles vs in turn, runs per hour", 10.0),
@@ -217,7 +219,8 @@ def step_lines(steps: dict[str, dict]) -> list[str]:
     """bench_ensemble.py: a run's step alone, as an ensemble member, and folded into one larger batch."""
     if not steps:
         return []
-    lines = ["Step level (`scripts/bench_ensemble.py`): ms per run-step, medians; the ratios are paired medians.", "",
+    lines = ["Step level (`scripts/bench/bench_ensemble.py`): ms per run-step, medians; the ratios are paired medians.",
+             "",
              "| overrides | members | alone ms | ensemble ms | folded ms | alone / ensemble | alone / folded |",
              "|---|---|---|---|---|---|---|"]
     for r in steps.values():
@@ -259,7 +262,7 @@ def main() -> None:
     args = parser.parse_args()
     if not any((args.results / part / "check.log").exists() for part in PARTS):
         sys.exit(f"{args.results} holds no part1/, part2/ or part3/check.log: pass the folder the GPU check "
-                 f"wrote (OUT of scripts/gpu_check.sh)")
+                 f"wrote (OUT of scripts/gpu/gpu_check.sh)")
     text, env = page(args.results)
     if env.get("dry_run", True) and args.out is None:
         sys.exit("these are dry-run (CPU) results, not GPU figures: pass --out to render them outside benchmarks/")

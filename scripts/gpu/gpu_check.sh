@@ -2,19 +2,19 @@
 # The GPU check: prove every Triton kernel and measure the headline figures within one short
 # GPU session (15 minutes on one H200 in all, machine start-up included; at most 10 minutes per command).
 #
-#   bash scripts/gpu_check.sh --fetch     # on a CPU machine with the package registry: the wheels the
+#   bash scripts/gpu/gpu_check.sh --fetch     # on a CPU machine with the package registry: the wheels the
 #                                         # device image lacks -> .whl/ (the run must carry: [".whl"])
-#   bash scripts/gpu_check.sh 1           # on the GPU: correctness, norm bandwidth, precision paths
-#   bash scripts/gpu_check.sh 2           # on the GPU, right after part 1: training throughput
-#   bash scripts/gpu_check.sh 3           # on the GPU, in a window of its own: sweep throughput, CUDA graphs
-#   bash scripts/gpu_check.sh --dry-run   # anywhere, no GPU: every section at toy sizes (CI runs it)
+#   bash scripts/gpu/gpu_check.sh 1           # on the GPU: correctness, norm bandwidth, precision paths
+#   bash scripts/gpu/gpu_check.sh 2           # on the GPU, right after part 1: training throughput
+#   bash scripts/gpu/gpu_check.sh 3           # on the GPU, in a window of its own: sweep throughput, CUDA graphs
+#   bash scripts/gpu/gpu_check.sh --dry-run   # anywhere, no GPU: every section at toy sizes (CI runs it)
 #
 # Part N writes into $OUT/partN/ ($OUT is the device tool's result folder; ./gpu-results without it),
 # at most 8 files: each section's log and JSON are written by the section itself as it runs (no
 # pipeline in between), so a section killed at its cap keeps what it wrote. partN/check.log holds
 # this script's own lines: one PASS / FAIL / SKIP line per section, then a SUMMARY line. The exit
 # status is 0 only when every section passed; optional sections (marked so) may SKIP without
-# failing the part, but not FAIL. Then `python3 scripts/gpu_results.py DIR` turns the results into
+# failing the part, but not FAIL. Then `python3 scripts/gpu/gpu_results.py DIR` turns the results into
 # benchmarks/h200/<date>/.
 #
 # Time budget. Part 1 ends within 330 s and part 2 within 240 s of their start: with 1-3 minutes of
@@ -33,8 +33,8 @@
 #           compilation takes under ~60 s; otherwise the last ones are cut short or skipped. bench_train.py rewrites its JSON
 #           after every measurement, so a configuration stopped at its cap keeps what it measured.
 set -uo pipefail
-OUT_ROOT=$(realpath -m "${OUT:-$(dirname "$0")/../gpu-results}")  # before the cd: a relative OUT is the caller's
-cd "$(dirname "$0")/.."
+OUT_ROOT=$(realpath -m "${OUT:-$(dirname "$0")/../../gpu-results}")  # before the cd: a relative OUT is the caller's
+cd "$(dirname "$0")/../.."
 ROOT=$PWD
 WHEELS=${WHEEL_DIR:-.whl}  # WHEEL_DIR: another folder (the tests use it)
 PY=${PYTHON:-python3}      # the device image's python3 holds torch; PYTHON: another interpreter
@@ -44,7 +44,7 @@ MODE=${1:-}
 fetch() {
     rm -rf "$WHEELS" && mkdir -p "$WHEELS"
     local pins
-    pins=$("$PY" scripts/gpu_setup.py pins) || exit 1
+    pins=$("$PY" scripts/gpu/gpu_setup.py pins) || exit 1
     for pin in $pins; do
         "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -52,7 +52,7 @@ fetch() {
             || "$PY" -m pip wheel -q --no-deps --no-binary=:all: -w "$WHEELS" "$pin" \
             || { echo "fetch FAILED: no wheel of $pin for CPython 3.12 on x86-64 Linux, and no pure-Python sdist"; exit 1; }
     done  # the fallback builds sdist-only packages here (antlr4-python3-runtime): pure Python, so any wheel fits
-    "$PY" scripts/gpu_setup.py verify "$WHEELS"
+    "$PY" scripts/gpu/gpu_setup.py verify "$WHEELS"
 }
 
 say() { echo "$*" | tee -a "$CHECK_LOG"; }
@@ -105,12 +105,12 @@ setup() {
         export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
     else
         if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
-            say "setup FAILED: no wheels in $WHEELS/: run 'bash scripts/gpu_check.sh --fetch' on a machine" \
+            say "setup FAILED: no wheels in $WHEELS/: run 'bash scripts/gpu/gpu_check.sh --fetch' on a machine" \
                 "with the package registry and carry .whl (carry: [\".whl\"])"
             exit 2
         fi
         local verified
-        verified=$("$PY" scripts/gpu_setup.py verify "$WHEELS" 2>>"$CHECK_LOG") || { say "setup FAILED: $verified"; exit 2; }
+        verified=$("$PY" scripts/gpu/gpu_setup.py verify "$WHEELS" 2>>"$CHECK_LOG") || { say "setup FAILED: $verified"; exit 2; }
         echo "$verified" >>"$CHECK_LOG"
         rm -rf "$SITE"
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
@@ -120,7 +120,7 @@ setup() {
     fi
     local checked rc=0 installed=()
     [ "$DRY_RUN" = 1 ] || installed=(--site "$SITE" --require-cuda)
-    checked=$("$PY" scripts/gpu_setup.py check-install "${installed[@]}" --environment "$PART_DIR/environment.json" \
+    checked=$("$PY" scripts/gpu/gpu_setup.py check-install "${installed[@]}" --environment "$PART_DIR/environment.json" \
         2>>"$CHECK_LOG") || rc=$?
     echo "$checked" >>"$CHECK_LOG"
     ((rc == 0)) || { say "$(grep -m1 'setup FAILED' <<<"$checked" || echo "setup FAILED: the import check crashed (see check.log)")"; exit 2; }
@@ -132,7 +132,7 @@ part1() {
     local dry=() jobs=()
     [ "$DRY_RUN" = 1 ] && dry=(--dry-run) jobs=(--jobs 2)
     section correctness 90 "$PART_DIR/correctness.log" \
-        "$PY" scripts/gpu_correctness.py "${dry[@]}" "${jobs[@]}" --json "$PART_DIR/correctness.json"
+        "$PY" scripts/gpu/gpu_correctness.py "${dry[@]}" "${jobs[@]}" --json "$PART_DIR/correctness.json"
     if [ "$DRY_RUN" = 1 ]; then  # no CUDA: the GPU-marked tests are only collected
         section "collect-only gpu-marked tests" 35 "$PART_DIR/correctness.log" \
             "$PY" -m pytest -qq -p no:cacheprovider --collect-only -m gpu tests
@@ -141,13 +141,13 @@ part1() {
     fi
     if [ "$DRY_RUN" = 1 ]; then
         section bandwidth 100 "$PART_DIR/bench_norms.log" \
-            "$PY" scripts/bench_norms.py --quick --modes fwd,fwd+bwd --json "$PART_DIR/bench_norms.json"
+            "$PY" scripts/bench/bench_norms.py --quick --modes fwd,fwd+bwd --json "$PART_DIR/bench_norms.json"
     else
         section bandwidth 100 "$PART_DIR/bench_norms.log" \
-            "$PY" scripts/bench_norms.py --warm-jobs 10 --modes fwd,fwd+bwd --json "$PART_DIR/bench_norms.json"
+            "$PY" scripts/bench/bench_norms.py --warm-jobs 10 --modes fwd,fwd+bwd --json "$PART_DIR/bench_norms.json"
     fi
     section precision 60 "$PART_DIR/precision.log" \
-        "$PY" scripts/gpu_precision.py "${dry[@]}" --json "$PART_DIR/precision.json"
+        "$PY" scripts/gpu/gpu_precision.py "${dry[@]}" --json "$PART_DIR/precision.json"
     if [ "$DRY_RUN" = 0 ]; then  # CI runs these on CPU already; here they run on the GPU if time is left
         local xdist=()
         "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
@@ -155,7 +155,7 @@ part1() {
             "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" -m "not gpu" tests/test_triton_norms.py
     fi
     optional "compute-sanitizer memcheck (optional)" 45 "$PART_DIR/correctness.log" \
-        "$PY" scripts/gpu_correctness.py --sanitize
+        "$PY" scripts/gpu/gpu_correctness.py --sanitize
 }
 
 # One bench_train configuration: NAME CAP ARGS... (overrides and flags of bench_train.py).
@@ -166,7 +166,7 @@ train_config() {
     [ "$DRY_RUN" = 1 ] && size=(model=tiny model.n_layer=1 model.d_model=32 model.n_head=2 model.block_size=32
         train.batch_size=4 train.eval_batches=1 data.max_files=40 data.vocab_size=512 train.compile_backend=aot_eager)
     section "training: $name" "$cap" "$PART_DIR/train.log" \
-        "$PY" scripts/bench_train.py "${size[@]}" "$@" --json "$PART_DIR/train_${name// /_}.json"
+        "$PY" scripts/bench/bench_train.py "${size[@]}" "$@" --json "$PART_DIR/train_${name// /_}.json"
 }
 
 part2() {
@@ -179,7 +179,7 @@ part2() {
     train_config "eager fp8" 25 norm=layernorm precision=fp8 "${short[@]}"  # against eager bf16 just above
 }
 
-# Part 3: sweep throughput (minilm/ensemble.py) and CUDA graphs for a small model (train.compile_mode).
+# Part 3: sweep throughput (minilm/train/ensemble.py) and CUDA graphs for a small model (train.compile_mode).
 # Caps: the lr_qknorm study at size=tiny, 14 runs of 30 steps, in turn then as 2 batched ensembles: 80 s
 # (in turn ~14 x 3 s of start-up, evaluation and sample per run); the step behind it (bench_ensemble.py: a
 # step alone, of an ensemble of 7, of one run at 7x the batch): 30 s; model=tiny compiled with inductor's default
@@ -191,7 +191,7 @@ sweep_config() {
     local name=$1 file=$2 cap=$3
     shift 3
     section "sweep: $name" "$cap" "$PART_DIR/bench.log" \
-        "$PY" scripts/bench_sweep.py "$@" --json "$PART_DIR/sweep_$file.json"
+        "$PY" scripts/bench/bench_sweep.py "$@" --json "$PART_DIR/sweep_$file.json"
 }
 
 part3() {
@@ -204,13 +204,13 @@ part3() {
             --warmup 1 --steps 2 --repeats 1)
     fi
     sweep_config "lr_qknorm tiny" tiny 80 experiment=lr_qknorm "${tiny[@]}" "${steps[@]}"
-    section "step: 7 runs alone, as an ensemble, folded" 30 "$PART_DIR/bench.log" "$PY" scripts/bench_ensemble.py \
+    section "step: 7 runs alone, as an ensemble, folded" 30 "$PART_DIR/bench.log" "$PY" scripts/bench/bench_ensemble.py \
         "${tiny[@]}" diagnostics=off --members 7 --rounds "$rounds" --json "$PART_DIR/step_tiny.json"
     local graphs=train.compile_mode=reduce-overhead
     [ "$DRY_RUN" = 1 ] && graphs=train.compile_mode=default
     section "training: tiny compiled" 40 "$PART_DIR/bench.log" \
-        "$PY" scripts/bench_train.py train.compile=true "${train[@]}" --json "$PART_DIR/train_tiny_compiled.json"
-    section "training: tiny CUDA graphs" 40 "$PART_DIR/bench.log" "$PY" scripts/bench_train.py train.compile=true \
+        "$PY" scripts/bench/bench_train.py train.compile=true "${train[@]}" --json "$PART_DIR/train_tiny_compiled.json"
+    section "training: tiny CUDA graphs" 40 "$PART_DIR/bench.log" "$PY" scripts/bench/bench_train.py train.compile=true \
         "$graphs" "${train[@]}" --json "$PART_DIR/train_tiny_cuda_graphs.json"
     OPTIONAL=1
     sweep_config "lr_qknorm small, 3 runs (optional)" small 200 experiment=lr_qknorm "${small[@]}" \
@@ -264,5 +264,5 @@ case "$MODE" in
             "part 2 $([ "$second" = 0 ] && echo passed || echo FAILED)," \
             "part 3 $([ "$third" = 0 ] && echo passed || echo FAILED)"
         ((first + second + third == 0)) ;;
-    *) echo "usage: bash scripts/gpu_check.sh --fetch | 1 | 2 | 3 | --dry-run  (see the comment at its top)"; exit 2 ;;
+    *) echo "usage: bash scripts/gpu/gpu_check.sh --fetch | 1 | 2 | 3 | --dry-run  (see the comment at its top)"; exit 2 ;;
 esac

@@ -1,8 +1,8 @@
 """Our Triton LayerNorm / RMSNorm against torch eager, torch.compile and Liger-Kernel: bandwidth.
 
-    python scripts/bench_norms.py --json OUT/bench_norms.json          # CUDA GPU: the grid below
-    python scripts/bench_norms.py --norms rmsnorm --modes fwd          # a slice
-    TRITON_INTERPRET=1 python scripts/bench_norms.py --quick           # CPU: tiny shapes, interpreted
+    python scripts/bench/bench_norms.py --json OUT/bench_norms.json          # CUDA GPU: the grid below
+    python scripts/bench/bench_norms.py --norms rmsnorm --modes fwd          # a slice
+    TRITON_INTERPRET=1 python scripts/bench/bench_norms.py --quick           # CPU: tiny shapes, interpreted
 
 Grid: LayerNorm and RMSNorm, hidden N in {128, 768, 1024, 4096, 8192}, bf16 and fp32 (fp32 is what
 the block norms receive under bf16 autocast: the residual stream stays fp32), each x 64 MiB (rows
@@ -29,7 +29,7 @@ Before timing, every implementation is compiled once per shape in parallel worke
 On CPU (--quick) times are wall-clock medians of interpreted kernels, torch.compile uses the
 aot_eager backend (no C++ code generation): this shows the script works, nothing about speed.
 Writes --json after every shape (an interrupted run keeps what it measured), with the goals
-judged in `goals`; `markdown()` renders the tables (scripts/gpu_results.py uses it).
+judged in `goals`; `markdown()` renders the tables (scripts/gpu/gpu_results.py uses it).
 """
 
 import argparse

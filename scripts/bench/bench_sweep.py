@@ -1,10 +1,10 @@
 """Sweep throughput: a multirun run one job after another vs as batched ensembles (or jobs side by side).
 
-    python scripts/bench_sweep.py                                  # the CPU figure: a seed x LR grid at size=tiny
-    python scripts/bench_sweep.py experiment=lr_qknorm size=tiny --steps 100
-    python scripts/bench_sweep.py --steps 300 --jobs 2                 # two ensembles at once, a thread each
-    python scripts/bench_sweep.py experiment=precision_matrix size=tiny --launcher parallel
-    python scripts/bench_sweep.py experiment=lr_qknorm model=small --steps 30 --json out.json   # a GPU
+    python scripts/bench/bench_sweep.py                                  # the CPU figure: a seed x LR grid at size=tiny
+    python scripts/bench/bench_sweep.py experiment=lr_qknorm size=tiny --steps 100
+    python scripts/bench/bench_sweep.py --steps 300 --jobs 2                 # two ensembles at once, a thread each
+    python scripts/bench/bench_sweep.py experiment=precision_matrix size=tiny --launcher parallel
+    python scripts/bench/bench_sweep.py experiment=lr_qknorm model=small --steps 30 --json out.json   # a GPU
 
 Runs `train.py -m <overrides>` the way a user types it, at the same steps (train.max_steps=--steps, with
 logger=none), once with Hydra's basic launcher (every job after the previous one) and once with
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # the CPU figure: seed x learning-rate runs of one architecture, at size=tiny
 DEFAULT = ["size=tiny", "optim.lr=1e-3,3e-3,1e-2", "seed=0,1"]
 DEFAULT_STEPS = 40

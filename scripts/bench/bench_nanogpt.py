@@ -1,7 +1,7 @@
 """Per-step time of the default minilm run against nanoGPT's train.py at the same model, batch, optimizer
 settings and data, in alternating runs.
 
-    python scripts/bench_nanogpt.py --nanogpt PATH/TO/nanoGPT [--steps 60] [--pairs 2] [--threads 1]
+    python scripts/bench/bench_nanogpt.py --nanogpt PATH/TO/nanoGPT [--steps 60] [--pairs 2] [--threads 1]
 
 PATH is a checkout of github.com/karpathy/nanoGPT (its train.py, model.py, configurator.py; nothing of it
 is part of this repository). Both train the default minilm shape (model=tiny: 4 layers, 4 heads, d_model
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16)
 
 
@@ -85,8 +85,8 @@ def main() -> None:
         sys.exit(f"--nanogpt {args.nanogpt}: no train.py there; pass a checkout of karpathy/nanoGPT")
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     sys.path.insert(0, str(ROOT))
-    from minilm.cli import compose
     from minilm.data import prepare_data
+    from minilm.launch.cli import compose
 
     cfg = compose([])
     cache = prepare_data(cfg.data, cfg.paths.cache_dir).cache_dir

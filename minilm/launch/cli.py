@@ -41,7 +41,7 @@ from minilm.errors import (
     RunDirError,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 CONFIG_NAME = "train"
 MAX_PREFLIGHT_JOBS = 256
 _HYDRA_FLAGS = {"-m", "--multirun"}
@@ -297,7 +297,7 @@ def threads_per_job(n_jobs: int) -> int:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
 def _hydra_main(cfg) -> float:
-    from minilm.trainer import train
+    from minilm.train.trainer import train
 
     hydra_cfg = HydraConfig.get()
     share_cores(hydra_cfg)

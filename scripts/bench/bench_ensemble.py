@@ -1,14 +1,14 @@
 """What batching runs can buy on this device: one training step of a run alone, of M runs as a batched
 ensemble, and of one run at M times the batch.
 
-    python scripts/bench_ensemble.py                          # size=tiny, 6 members
-    python scripts/bench_ensemble.py model=small precision=bf16 --members 3 --rounds 10
+    python scripts/bench/bench_ensemble.py                          # size=tiny, 6 members
+    python scripts/bench/bench_ensemble.py model=small precision=bf16 --members 3 --rounds 10
 
 Three kinds of step, timed in turn, one of each per round in a shuffled order (so that load from
 anything else on the machine falls on all of them alike), through the code a sweep runs:
 
     alone     Trainer.train_step of one run
-    ensemble  Ensemble.step of M runs (minilm/ensemble.py: vmap forward and backward, each member's
+    ensemble  Ensemble.step of M runs (minilm/train/ensemble.py: vmap forward and backward, each member's
               own optimizer, clipping and bookkeeping), per member
     folded    Trainer.train_step of one run at train.batch_size x M, per M: the same tokens in one
               model, which no ensemble can beat (it also shares the weights, so M runs' matmuls become
@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
-from minilm.cli import compose
-from minilm.ensemble import Ensemble
+from minilm.launch.cli import compose
 from minilm.seeding import rng_state
-from minilm.trainer import Trainer
+from minilm.train.ensemble import Ensemble
+from minilm.train.trainer import Trainer
 
 DEFAULT = ["size=tiny", "diagnostics=off"]
 

@@ -36,15 +36,15 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from minilm.cli import compose, one_line
+from minilm.analysis.runs import RunRecord, flatten, load_run
 from minilm.config import resolve_device, validate
 from minilm.data import corpus_fingerprint, load_corpus
 from minilm.environment import environment_record, git_commit
 from minilm.errors import MinilmError, exit_on_input_error
-from minilm.lifecycle import apply_revisions
-from minilm.runs import RunRecord, flatten, load_run
-from minilm.tracking import read_metrics
-from minilm.trainer import Trainer
+from minilm.launch.cli import compose, one_line
+from minilm.train.lifecycle import apply_revisions
+from minilm.train.tracking import read_metrics
+from minilm.train.trainer import Trainer
 
 EXIT_PASS, EXIT_FAIL = 0, 1
 MACHINE_KEYS = ("paths.",)  # where this machine keeps things: never taken from the log
@@ -171,7 +171,7 @@ def train_segments(plan: list[tuple[int, object]], out: Path, until: int | None,
 
 
 def bitwise_expected(cfg, record: RunRecord) -> bool:
-    """Deterministic runs reproduce bitwise, except a member of a batched ensemble (minilm/ensemble.py): its
+    """Deterministic runs reproduce bitwise, except a member of a batched ensemble (minilm/train/ensemble.py): its
     norm gradients were reduced in another order than a run alone reduces them, so --rtol applies."""
     members = (record.environment.get("ensemble") or {}).get("members", 1)
     if cfg.deterministic and members > 1:

@@ -1,8 +1,8 @@
 """Training throughput for any config, and the framework's own overhead.
 
-    python scripts/bench_train.py                          # default config
-    python scripts/bench_train.py model=small precision=bf16 train.compile=true --steps 50
-    python scripts/bench_train.py model=small precision=bf16 --diagnostics-cost   # diagnostics on vs off
+    python scripts/bench/bench_train.py                          # default config
+    python scripts/bench/bench_train.py model=small precision=bf16 train.compile=true --steps 50
+    python scripts/bench/bench_train.py model=small precision=bf16 --diagnostics-cost   # diagnostics on vs off
 
 Runs the real Trainer (each step exactly as Trainer.fit runs it: logging, diagnostics, forensics, evaluation
 and checkpoints at their intervals) and a bare loop over the same model, optimizer, precision, batches and
@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
-from minilm.cli import compose
+from minilm.launch.cli import compose
 from minilm.model import lm_loss
 from minilm.optim import build_optimizer, set_schedule
-from minilm.trainer import Trainer
+from minilm.train.trainer import Trainer
 
 
 def sync(device: torch.device) -> None:

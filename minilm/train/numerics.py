@@ -34,7 +34,7 @@ that the run's precision actually casts it to:
 under metric names `numerics/<class>/<stat>/<layer>`, stat in underflow, subnormal, overflow,
 amax, and for fp8 layers scale (tensorwise: the one scale; rowwise: the smallest row scale),
 layer `L{i}.attn.qkv`, `L{i}.attn.proj`, `L{i}.mlp.fc`, `L{i}.mlp.proj`, `head`.
-Like minilm.diagnostics it runs the eager model once more on the step's first micro-batch
+Like minilm.train.diagnostics it runs the eager model once more on the step's first micro-batch
 (same autocast, forked RNG so dropout draws the training masks and the training stream is
 untouched), here forward and backward, and takes the gradients with torch.autograd.grad: no
 parameter's .grad is touched, so training is bitwise the same with telemetry on or off.
@@ -57,8 +57,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from minilm.diagnostics import param_group
 from minilm.model import lm_loss
+from minilm.train.diagnostics import param_group
 
 FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16,
            "e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -109,7 +109,7 @@ class NumericsCollector:
     """Per-layer format statistics of every nn.Linear's input, weight and output gradient."""
 
     def __init__(self, model: nn.Module, precision: str):
-        from minilm.fp8 import fp8_casts  # torchao is imported only for converted layers
+        from minilm.precision.fp8 import fp8_casts  # torchao is imported only for converted layers
 
         self.model = model
         self.default_format = PRECISION_FORMATS[precision]

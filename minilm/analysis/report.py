@@ -11,7 +11,7 @@ optim option) is left out of the label; keys of different groups are always kept
 
 A canned study's runs carry its `study` node (minilm/config.py StudyConfig): the expected
 outcome and its source open report.md, followed by one verdict per expectation computed from
-the runs (minilm/studies.py); the study's `figures` are drawn, with one panel per value of its
+the runs (minilm/analysis/studies.py); the study's `figures` are drawn, with one panel per value of its
 `panel` key. A plain sweep gets the loss curves, plus the LR figure when optim.lr is swept,
 the gradients at init when model.placement or model.n_layer is, and the fp16 scaler when an
 fp16 run is present. A figure without data is not drawn, and report.md says so.
@@ -20,7 +20,7 @@ Per arm (arms.csv and report.md):
   final val loss   mean ± 95% CI over the seeds with a final loss (Student t, n-1 dof); a run
                    stopped by divergence, or ending non-finite, has none
   best val loss    the lowest val/loss any seed of the arm reached
-  diverged         seeds that diverged / seeds; median step of divergence (minilm/divergence.py)
+  diverged         seeds that diverged / seeds; median step of divergence (minilm/train/divergence.py)
   spiked           seeds whose loss crossed the divergence line and came back / seeds; spikes in all
   fp16 skipped     steps skipped by the fp16 loss scaler, mean over seeds
   tokens/s         median over each run's logged windows, mean over seeds
@@ -51,9 +51,7 @@ matplotlib.use("Agg")
 import matplotlib.lines  # noqa: E402  (after choosing the non-interactive backend)
 import matplotlib.pyplot as plt  # noqa: E402
 
-from minilm.config import FIGURES  # noqa: E402
-from minilm.errors import SourceError, exit_on_input_error  # noqa: E402
-from minilm.runs import (  # noqa: E402
+from minilm.analysis.runs import (  # noqa: E402
     RunRecord,
     fetch_wandb_runs,
     find_run_dirs,
@@ -61,6 +59,8 @@ from minilm.runs import (  # noqa: E402
     is_wandb_path,
     load_run_dir,
 )
+from minilm.config import FIGURES  # noqa: E402
+from minilm.errors import SourceError, exit_on_input_error  # noqa: E402
 
 LR_KEY = "optim.lr"
 # Student t 97.5% quantiles for 1..30 degrees of freedom (two-sided 95% interval)
@@ -129,7 +129,7 @@ class RunStats:
     init_loss: float | None      # train/loss at step 1: the loss before any update
     diverged: bool
     diverged_at: int | None
-    spikes: list[dict]           # crossings of the divergence line that came back (minilm/divergence.py)
+    spikes: list[dict]           # crossings of the divergence line that came back (minilm/train/divergence.py)
     above_at_end: dict | None    # a crossing still open when the run ended: neither a spike nor a divergence
     skipped: float
     tokens_per_s: float | None
@@ -680,7 +680,7 @@ def probe_points(run: RunStats, metric: str, family: str) -> dict[float, float]:
 
 def plot_norm_error(sweep: Sweep, layout: Layout, path: Path) -> bool:
     """The norm probe: relative error vs the probe rows' std, rows centred / offset, one panel per panel value."""
-    from minilm.diagnostics import PROBE_MEANS
+    from minilm.train.diagnostics import PROBE_MEANS
 
     if not any(probe_points(r, "norm_error", "centred") for r in sweep.stats):
         return False
@@ -783,7 +783,7 @@ def divergence_line(sweep: Sweep) -> str:
 
 def write_report(records: list[RunRecord], source: str, out: Path) -> str:
     """Write report.md, arms.csv and the figures into `out`; return the Markdown."""
-    from minilm.studies import verdicts  # the verdicts build on this module's statistics
+    from minilm.analysis.studies import verdicts  # the verdicts build on this module's statistics
 
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.png"):  # a figure this report does not draw must not linger from an earlier one

@@ -22,8 +22,8 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+from minilm.analysis.runs import REVISIONS_FILE, flatten
 from minilm.errors import ConfigError, RunDirError
-from minilm.runs import REVISIONS_FILE, flatten
 
 log = logging.getLogger("minilm")
 FINISHED = ("completed", "diverged")

@@ -1,8 +1,8 @@
 """Every Triton norm kernel against a float64 reference: the GPU check's correctness sweep.
 
-    python scripts/gpu_correctness.py --json OUT/correctness.json        # CUDA: the full size grid
-    TRITON_INTERPRET=1 python scripts/gpu_correctness.py --dry-run       # CPU: tiny sizes, interpreted
-    python scripts/gpu_correctness.py --sanitize                         # compute-sanitizer memcheck
+    python scripts/gpu/gpu_correctness.py --json OUT/correctness.json        # CUDA: the full size grid
+    TRITON_INTERPRET=1 python scripts/gpu/gpu_correctness.py --dry-run       # CPU: tiny sizes, interpreted
+    python scripts/gpu/gpu_correctness.py --sanitize                         # compute-sanitizer memcheck
 
 For LayerNorm and RMSNorm, fp32 / fp16 / bf16, every hidden size, forward and backward, on both
 kernel paths ("fused": the launch heuristics as shipped, which already take the looped path above

@@ -1,13 +1,13 @@
-"""Setup steps of the GPU check (scripts/gpu_check.sh): the carried wheels, the import check, the environment.
+"""Setup steps of the GPU check (scripts/gpu/gpu_check.sh): the carried wheels, the import check, the environment.
 
-    python3 scripts/gpu_setup.py pins                  # NAME==VERSION of every carried package (--fetch)
-    python3 scripts/gpu_setup.py verify .whl           # the wheel set is complete and fits the image
-    python3 scripts/gpu_setup.py check-install --site SITE --require-cuda --environment OUT.json
+    python3 scripts/gpu/gpu_setup.py pins                  # NAME==VERSION of every carried package (--fetch)
+    python3 scripts/gpu/gpu_setup.py verify .whl           # the wheel set is complete and fits the image
+    python3 scripts/gpu/gpu_setup.py check-install --site SITE --require-cuda --environment OUT.json
                                                        # there, after pip install --target SITE: the
                                                        # import check, then date, device, driver, versions
 
 The device image has torch, triton, tokenizers, pyarrow, pandas, huggingface_hub and the rest of
-scripts/gpu_image_packages.txt, but no network: what the project needs beyond that travels as
+scripts/gpu/gpu_image_packages.txt, but no network: what the project needs beyond that travels as
 wheels. W&B is not carried: every section runs logger=none (W&B could only run offline there),
 its wheel set is ~25 MiB in ~20 packages, and its tests run on CPU in CI.
 """
@@ -26,19 +26,19 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Carried packages, at the version installed on the machine that fetches them (CARRIED_PINS for those
 # not installed there). fsspec: datasets pins fsspec<=its release's version, and the image's may be newer.
 CARRIED = ("hydra-core", "omegaconf", "antlr4-python3-runtime", "datasets", "dill", "multiprocess", "fsspec",
            "liger-kernel", "torchao")
 CARRIED_PINS = {"liger-kernel": "0.8.5"}  # the benchmark's comparison, not a project dependency
-IMAGE_PACKAGES = ROOT / "scripts" / "gpu_image_packages.txt"
+IMAGE_PACKAGES = ROOT / "scripts" / "gpu" / "gpu_image_packages.txt"
 MAX_MIB = 50  # the whole working tree travels within 64 MiB
 # The device's interpreter, for evaluating requirement markers away from it.
 DEVICE_PYTHON = dict(default_environment(), python_version="3.12", python_full_version="3.12.3",
                      implementation_name="cpython", platform_python_implementation="CPython",
                      sys_platform="linux", platform_system="Linux", platform_machine="x86_64", os_name="posix")
-FETCH_AGAIN = "run `bash scripts/gpu_check.sh --fetch` on a machine with the package registry and carry .whl"
+FETCH_AGAIN = "run `bash scripts/gpu/gpu_check.sh --fetch` on a machine with the package registry and carry .whl"
 
 
 def pins() -> list[str]:
@@ -119,7 +119,7 @@ def verify(wheel_dir: Path) -> list[str]:
                     problems.append(f"{name} {version} needs '{req}', but {dep} {carried[dep][0]} is carried")
             elif dep not in image:
                 problems.append(f"{name} {version} needs '{req}', which neither the image nor {wheel_dir}/ has: "
-                                f"add {req.name} to CARRIED in scripts/gpu_setup.py and fetch again")
+                                f"add {req.name} to CARRIED in scripts/gpu/gpu_setup.py and fetch again")
     mib = sum(p.stat().st_size for p in wheels) / 2**20
     if mib > MAX_MIB:
         problems.append(f"the wheels take {mib:.1f} MiB, over {MAX_MIB} MiB: the working tree travels within 64 MiB")
@@ -128,13 +128,14 @@ def verify(wheel_dir: Path) -> list[str]:
 
 # What the sections run, each imported and used once: a failure here stops the part at once.
 SMOKE = {
-    "hydra + omegaconf + antlr4 (compose the small preset)": "from minilm.cli import compose; compose(['model=small'])",
+    "hydra + omegaconf + antlr4 (compose the small preset)":
+        "from minilm.launch.cli import compose; compose(['model=small'])",
     "datasets + pyarrow + dill (a dataset mapped)":
         "import datasets; datasets.disable_progress_bars(); "
         "datasets.Dataset.from_dict({'text': ['a b']}).map(lambda row: {'n': len(row['text'])})",
     "tokenizers": "import tokenizers",
-    "minilm (trainer, Triton ops)": "import minilm.trainer, minilm.norms.triton_ops",
-    "pytest, scipy, matplotlib (test collection)": "import pytest, scipy.stats, minilm.report",
+    "minilm (trainer, Triton ops)": "import minilm.train.trainer, minilm.norms.triton_ops",
+    "pytest, scipy, matplotlib (test collection)": "import pytest, scipy.stats, minilm.analysis.report",
     "torchao (the fp8 precision)": "import torchao.float8",
 }
 # A comparison, not a need: when it fails, the bandwidth section skips Liger's rows and says why.
@@ -151,7 +152,7 @@ def check_install(site: Path | None, require_cuda: bool) -> int:
                 found = importlib.metadata.version(req.name)
             except importlib.metadata.PackageNotFoundError:
                 print(f"setup FAILED: {dist.metadata['Name']} needs '{req}', which is not installed here: "
-                      f"add {req.name} to CARRIED in scripts/gpu_setup.py and fetch again")
+                      f"add {req.name} to CARRIED in scripts/gpu/gpu_setup.py and fetch again")
                 return 1
             if not req.specifier.contains(found, prereleases=True):
                 print(f"requirement warning: {dist.metadata['Name']} {dist.version} wants '{req}', found {found}; "
@@ -165,7 +166,7 @@ def check_install(site: Path | None, require_cuda: bool) -> int:
                 print(f"import warning: {what}: {reason} (its benchmark rows will say so)")
                 continue
             print(f"setup FAILED: {what}: {reason} -- the carried wheels do not fit this image: fix CARRIED in "
-                  f"scripts/gpu_setup.py, then {FETCH_AGAIN}")
+                  f"scripts/gpu/gpu_setup.py, then {FETCH_AGAIN}")
             return 1
     import torch
 

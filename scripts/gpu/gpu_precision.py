@@ -1,7 +1,7 @@
 """The precision paths: the small preset in fp16 (GradScaler) and in bf16 trains 200 finite steps.
 
-    python scripts/gpu_precision.py --json OUT/precision.json        # CUDA: model=small, 200 steps each
-    python scripts/gpu_precision.py --dry-run                        # CPU: a tiny model, 10 steps each
+    python scripts/gpu/gpu_precision.py --json OUT/precision.json        # CUDA: model=small, 200 steps each
+    python scripts/gpu/gpu_precision.py --dry-run                        # CPU: a tiny model, 10 steps each
 
 Trains each precision with train.py in a fresh run dir (logger=none) and checks what the run
 dir says (summary.json, metrics.jsonl): every step completed without divergence; every logged
@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from minilm.tracking import read_metrics
+from minilm.train.tracking import read_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 PRECISIONS = ("fp16", "bf16")
 COMMON = ["logger=none", "train.sample_tokens=0", "train.eval_interval=0", "train.ckpt_interval=0",

@@ -5,7 +5,7 @@ its pre-step state: host copies of the RNG states, the loss scale (a device scal
 the learning rate and references to the step's batches. The model and optimizer need no copy:
 a step whose gradients are non-finite is skipped in every precision (precision.Precision.step),
 so right after it they still hold their pre-step values. The trainer reads each step's loss and
-gradient norm on the host one step late (minilm/lifecycle.py, StepScalars) and hands them to
+gradient norm on the host one step late (minilm/train/lifecycle.py, StepScalars) and hands them to
 `check` during the *next* step, after its backward has been queued and before its update: the
 weights are still the pre-step ones. Cost: microseconds of host work per step for the RNG
 copies. `diagnostics.forensics=false` removes them.
@@ -37,7 +37,7 @@ from minilm import checkpoint
 from minilm.config import Config
 from minilm.errors import exit_on_input_error
 from minilm.model import GPT, lm_loss
-from minilm.precision import Precision
+from minilm.precision.policy import Precision
 from minilm.seeding import rng_state, set_rng_state
 
 
@@ -91,7 +91,7 @@ def replay_step(bundle: dict, device: torch.device, anomaly: bool = False) -> di
     """
     caller_rng = rng_state()
     try:
-        from minilm.trainer import build_model  # the trainer builds on this module
+        from minilm.train.trainer import build_model  # the trainer builds on this module
 
         cfg = OmegaConf.merge(OmegaConf.structured(Config), bundle["config"])
         precision = Precision(OmegaConf.to_object(cfg.precision), device)

@@ -6,9 +6,9 @@ the optimizer for it), and how to run forward, backward and step.
     fp16       autocast to float16 with dynamic loss scaling (torch.amp.GradScaler):
                scale the loss, unscale before clipping, skip the step on inf/nan, update.
     bf16_pure  the model, its gradients and AdamW's state in bf16, no fp32 master copy; each
-               update is rounded into the bf16 weights by precision.rounding (minilm/bf16_pure.py).
+               update is rounded into the bf16 weights by precision.rounding (minilm/precision/bf16_pure.py).
     fp8        bf16 autocast, with the linears (not the LM head) in fp8 through torchao's float8
-               training, precision.fp8_recipe scaling (minilm/fp8.py); emulated off fp8 GPUs.
+               training, precision.fp8_recipe scaling (minilm/precision/fp8.py); emulated off fp8 GPUs.
 
 Except under bf16_pure, parameters and optimizer state stay fp32 (autocast only casts op inputs).
 A non-finite gradient never reaches the weights in any precision: fp16's scaler skips the step,
@@ -80,7 +80,7 @@ class Precision:
         if self.name == "bf16_pure":
             return f"pure bf16 weights, gradients and AdamW state, {self.rounding} rounding of the updates"
         if self.name == "fp8":
-            from minilm.fp8 import fp8_path
+            from minilm.precision.fp8 import fp8_path
 
             return (f"fp8 linears ({self.fp8_recipe} scaling, {fp8_path(self.device, self.fp8_recipe)}), bf16 "
                     f"autocast elsewhere, fp32 weights and optimizer state")
@@ -96,7 +96,7 @@ class Precision:
         if self.name == "bf16_pure":
             return model.to(torch.bfloat16)
         if self.name == "fp8":
-            from minilm.fp8 import convert_to_fp8
+            from minilm.precision.fp8 import convert_to_fp8
 
             convert_to_fp8(model, self.fp8_recipe, self.device)
         return model
@@ -132,20 +132,25 @@ class Precision:
         """Bring gradients back to their true scale (call before clipping)."""
         self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor | None = None) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor | None = None,
+             skip: torch.Tensor | None = None) -> None:
         """Apply the update unless some gradient is non-finite (`grad_norm` is their global norm;
-        None: no check outside fp16, e.g. for a bare benchmark loop)."""
+        None: no check outside fp16, e.g. for a bare benchmark loop) or the device flag `skip` is set
+        (skip-step, minilm/optim/skip_step.py; minilm's optimizers join it to the scaler's found_inf)."""
         if self.uses_scaler:
+            if skip is not None:
+                optimizer.skip = skip
             self.scaler.step(optimizer)
             self.scaler.update()
             return
         if grad_norm is None:
             optimizer.step()
         elif getattr(optimizer, "_step_supports_amp_scaling", False):
-            optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+            found_inf = ~torch.isfinite(grad_norm)
+            optimizer.found_inf = (found_inf if skip is None else found_inf | skip).float()
             optimizer.step()
             del optimizer.found_inf
-        elif torch.isfinite(grad_norm):  # non-fused optimizers: one host sync
+        elif torch.isfinite(grad_norm) and (skip is None or not skip):  # non-fused optimizers: one host sync
             optimizer.step()
 
     def scale(self) -> float:

@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from minilm.report import (
+from minilm.analysis.report import (
     LR_KEY,
     RunStats,
     Sweep,

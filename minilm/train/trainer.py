@@ -8,7 +8,7 @@ divergence is caught at the step it is confirmed without stalling the device.
 
 How a run ends (summary.json `outcome`, the process exit code in minilm/errors.py):
     completed    max_steps reached; val loss and a sample at the end
-    diverged     divergence confirmed (minilm/divergence.py): the run stops at that step, its
+    diverged     divergence confirmed (minilm/train/divergence.py): the run stops at that step, its
                  metrics are flushed and checkpoints/diverged.pt holds the state after that step
     interrupted  SIGINT / SIGTERM / SIGUSR1: the step finishes, metrics are flushed, a checkpoint
                  is written; the same command resumes (data parallel: at the next flush boundary,
@@ -40,21 +40,22 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from minilm import checkpoint
-from minilm.bf16_pure import bytes_per_param
 from minilm.config import check_runnable, resolve_device, validate
 from minilm.data import TokenWindowSampler, eval_batches, prepare_data
-from minilm.diagnostics import Diagnostics, peak_memory_mb
-from minilm.divergence import DivergenceMonitor
 from minilm.environment import environment_record
 from minilm.errors import EXIT_CODES, CheckpointError, DataError, MinilmError, RunDirError
-from minilm.forensics import Forensics
-from minilm.lifecycle import RunDir, StepScalars, StopSignals, check_architecture, check_resume, plain
 from minilm.model import GPT, generate, lm_loss
-from minilm.numerics import NumericsCollector
 from minilm.optim import build_optimizer, lr_at, set_schedule
-from minilm.precision import Precision
+from minilm.optim.skip_step import SpikeSkip
+from minilm.precision.bf16_pure import bytes_per_param
+from minilm.precision.policy import Precision
 from minilm.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, torch_rng_state
-from minilm.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, Tracker
+from minilm.train.diagnostics import Diagnostics, peak_memory_mb
+from minilm.train.divergence import DivergenceMonitor
+from minilm.train.forensics import Forensics
+from minilm.train.lifecycle import RunDir, StepScalars, StopSignals, check_architecture, check_resume, plain
+from minilm.train.numerics import NumericsCollector
+from minilm.train.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, Tracker
 
 log = logging.getLogger("minilm")
 
@@ -106,6 +107,8 @@ class Trainer:
         self.precision = Precision(OmegaConf.to_object(cfg.precision), self.device)
         self.model = build_model(cfg, self.data.vocab_size, self.precision)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.precision, cfg.seed)
+        self.spike_skip = (SpikeSkip(cfg.optim.skip_spikes_window, cfg.optim.skip_spikes_sigma, self.device)
+                           if cfg.optim.skip_spikes else None)
         self.sampler = TokenWindowSampler(self.data.train, cfg.model.block_size, cfg.train.batch_size, cfg.seed,
                                           self.rank, self.world_size)
         self.val_batches = eval_batches(self.data.val, cfg.model.block_size, cfg.train.batch_size,
@@ -117,7 +120,7 @@ class Trainer:
                          if cfg.diagnostics.numerics and self.diagnostics.interval else None)
         self.forensics = Forensics(self.model, self.optimizer, self.precision, cfg, self.run_dir, self.device,
                                    self.rank, self.world_size, log=log.error)
-        # a uniform prediction's loss, plus a margin for the loss at init; see minilm/divergence.py
+        # a uniform prediction's loss, plus a margin for the loss at init; see minilm/train/divergence.py
         self.divergence = DivergenceMonitor(math.log(self.data.vocab_size) + cfg.train.divergence_margin,
                                             cfg.train.divergence_window)
         self.scalars = StepScalars()
@@ -235,6 +238,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps, "wandb_id": self.tracker.wandb_id if self.tracker else None,
             "diagnostics": self.diagnostics.state_dict(), "divergence": self.divergence.state_dict(),
             "last_healthy": self.last_healthy, "best_val_loss": self.best_val_loss,
+            "spike_skip": self.spike_skip.state_dict() if self.spike_skip else None,
             "data_fingerprint": self.data.fingerprint, "config": plain(self.cfg),
         }
 
@@ -247,6 +251,8 @@ class Trainer:
         self.diagnostics.load_state_dict(state["diagnostics"])
         self.divergence.load_state_dict(state["divergence"])
         self.last_healthy, self.best_val_loss = state["last_healthy"], state["best_val_loss"]
+        if self.spike_skip:
+            self.spike_skip.load_state_dict(state.get("spike_skip"))
         rngs = state["rng"]
         set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
 
@@ -290,7 +296,7 @@ class Trainer:
             z_total += parts.z_term.detach()
         return self.finish_step(ce_total, z_total)
 
-    # A step in three parts, so that an ensemble (minilm/ensemble.py) runs the forward and backward of all
+    # A step in three parts, so that an ensemble (minilm/train/ensemble.py) runs the forward and backward of all
     # its members at once and everything around it through the same code as a run made alone.
     def begin_step(self) -> None:
         """Start a step: its learning rate, what it takes to abandon or replay it, whether it is sampled."""
@@ -325,16 +331,20 @@ class Trainer:
         if sampled:
             self.diagnostics.observe_gradients(step)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = self.precision.clip_grad_norm(list(self.model.parameters()), clip)
-        self.precision.step(self.optimizer, grad_norm)
+        grad_norm = self.precision.clip_grad_norm(list(self.model.parameters()), clip).detach()
+        mean_ce = ce_total / accum
+        if self.world_size > 1:  # every rank sees the mean loss (queued on the device: no host sync)
+            dist.all_reduce(mean_ce)
+            mean_ce /= self.world_size
+        skip = None
+        if self.spike_skip:  # ranks agree: the same mean loss and the same (all-reduced) gradients
+            skip = self.spike_skip.decide(mean_ce, grad_norm)
+            self.diagnostics.record(step, {"optim/skipped_spikes": self.spike_skip.skipped.clone()})
+        self.precision.step(self.optimizer, grad_norm, skip)
         if sampled:
             self.diagnostics.observe_update(step)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        mean_ce, grad_norm = ce_total / accum, grad_norm.detach()
-        if self.world_size > 1:  # every rank sees the mean loss (queued on the device: no host sync)
-            dist.all_reduce(mean_ce)
-            mean_ce /= self.world_size
         self.forensics.end_step()
         self.scalars.record(step, mean_ce, grad_norm)
         if self.optim_cfg.z_loss:
@@ -581,7 +591,7 @@ SAMPLE_PROMPT = "def"
 def samples(trainers: list[Trainer], forward) -> list[str]:
     """Each trainer's end-of-run sample, drawn with a generator seeded by its seed; `forward` maps the
     trainers' token ids (trainers, 1, time) to logits (trainers, 1, time, vocab). A text depends only on its
-    own model and seed: a run alone and an ensemble member (minilm/ensemble.py) draw it alike."""
+    own model and seed: a run alone and an ensemble member (minilm/train/ensemble.py) draw it alike."""
     first = trainers[0]
     prompt = first.data.encode(SAMPLE_PROMPT)
     lengths = [len(prompt) + trainer.cfg.train.sample_tokens for trainer in trainers]

@@ -14,7 +14,7 @@ stall training. `rounding` chooses how each step's fp32 result goes back into th
 Each step computes in fp32 what torch.optim.AdamW computes (decoupled weight decay, bias
 corrections) and rounds the moments back to bf16 to nearest whatever `rounding` is: the knob
 is about the weights. A non-finite gradient skips the update without a host sync: like torch's
-fused AdamW the optimizer honours the on-device `found_inf` flag that minilm.precision's
+fused AdamW the optimizer honours the on-device `found_inf` flag that minilm.precision.policy's
 `Precision.step` sets (`_step_supports_amp_scaling`), keeping weights, moments, compensation
 and step count as they were; stochastic rounding draws its bits either way, so its stream does
 not depend on which steps were skipped.

@@ -1,0 +1,1 @@
+"""After runs: reads run dirs, never imports the training or launch code."""

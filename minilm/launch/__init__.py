@@ -1,0 +1,1 @@
+"""The command line: preflight, one-line errors, the Hydra main, reproduce."""

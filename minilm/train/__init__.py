@@ -1,0 +1,1 @@
+"""Training: a composed config in, summary.json out (the loop, the ensemble, diagnostics)."""
