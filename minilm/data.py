@@ -6,14 +6,17 @@ split hashes: a file path or a row index) and `text`:
     pystdlib  the running interpreter's standard-library .py sources (no tests,
               no site-packages): real text on every machine, no download
     text      local files or globs, one document per file
-    hf        any `datasets` dataset: a hub name or a local dataset directory
+    hf        any `datasets` dataset: a hub name or a local dataset directory (save_to_disk
+              output, or a folder of data files), which is only read: `datasets`' own
+              cache goes under the token cache dir too
 
 A byte-level BPE tokenizer is trained on the train split with `tokenizers`, and
 both splits are tokenized (in parallel with `datasets.map(num_proc=...)`) into
 uint16/uint32 memmaps under a content fingerprint of corpus + settings. The
-cache records a checksum of every file in it; a corrupted or stale cache is
-rebuilt. A lock serializes building and publishing one cache, so concurrent
-jobs on a fresh cache wait for the first and share its result.
+cache records a checksum of every file in it, and what its meta.json says (the
+dtype, token counts, vocabulary size) must agree with those files; a corrupted
+or stale cache is rebuilt. A lock serializes building and publishing one cache,
+so concurrent jobs on a fresh cache wait for the first and share its result.
 
 Every problem with the data (a pattern matching no file, an unreadable or
 non-UTF-8 file under data.errors=strict, a broken local dataset, too little
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 
 from minilm.checkpoint import free_bytes
+from minilm.config import PathsConfig
 from minilm.errors import DataError
 
 CACHE_VERSION = 2
@@ -108,50 +112,62 @@ def _read_files(files: list[tuple[str, Path]], errors: str) -> dict[str, list[st
     return {"key": keys, "text": texts}
 
 
-def load_corpus(data_cfg):
-    """The corpus as a `datasets.Dataset` with `key` and `text` columns."""
+def load_corpus(data_cfg, cache_dir: str):
+    """The corpus as a `datasets.Dataset` with `key` and `text` columns. `datasets`' own cache (its copy of a
+    folder or Hub dataset) goes under `cache_dir`/huggingface, like everything else minilm caches."""
     import datasets
 
     if data_cfg.source in ("pystdlib", "text"):
         files = stdlib_files() if data_cfg.source == "pystdlib" else text_files(data_cfg.files)
         files = files[: data_cfg.max_files] if data_cfg.max_files else files
         return datasets.Dataset.from_dict(_read_files(files, str(data_cfg.errors)))
-    return _load_hf(data_cfg)
+    return _hf_texts(_load_hf(data_cfg, cache_dir), data_cfg)
 
 
-def _load_hf(data_cfg):
+def _load_hf(data_cfg, cache_dir: str):
+    """The data.split of a local dataset dir (save_to_disk output, or a folder of data files) or a Hub dataset."""
     import datasets
 
     local = Path(os.path.expanduser(data_cfg.name))
-    if local.is_dir() and (local / "dataset_info.json").exists():
+    if local.is_dir() and any((local / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
         try:
-            ds = datasets.load_from_disk(str(local))  # a save_to_disk() directory
+            ds = datasets.load_from_disk(str(local))  # a save_to_disk() directory: a Dataset or a DatasetDict
         except Exception as err:  # noqa: BLE001 - datasets raises many types for a damaged directory
             raise DataError(f"the local dataset {local} cannot be loaded ({type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else ''}); re-save it or point data.name "
                             f"elsewhere") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if data_cfg.split not in ds:
-                raise DataError(f"data.split={data_cfg.split!r} is not a split of {local}; choose one of "
-                                f"{', '.join(ds)}")
-            ds = ds[data_cfg.split]
     else:
         if not local.exists():
             _require_hub(data_cfg.name)
-        try:
-            ds = datasets.load_dataset(str(local) if local.exists() else data_cfg.name,
-                                       data_cfg.subset, split=data_cfg.split)
+        try:  # every split: the split is chosen below, where a missing one can be named with the others
+            ds = datasets.load_dataset(str(local) if local.exists() else data_cfg.name, data_cfg.subset,
+                                       cache_dir=str(_cache_root(cache_dir) / "huggingface"))
         except Exception as err:  # noqa: BLE001 - datasets raises many types for a missing or damaged source
             first = str(err).splitlines()[0] if str(err) else ""
             raise DataError(f"could not load dataset {data_cfg.name!r} ({type(err).__name__}: {first}); check the "
                             f"name, or use data=pystdlib, or data=text data.files=[...] for local files") from None
-    if data_cfg.text_column not in ds.column_names:
-        raise DataError(f"data.text_column={data_cfg.text_column!r} is not a column of {data_cfg.name!r}; "
-                        f"choose one of {ds.column_names}")
+    if not isinstance(ds, datasets.DatasetDict):
+        return ds  # one saved Dataset: it has no splits to choose from
+    if data_cfg.split not in ds:
+        raise DataError(f"data.split={data_cfg.split!r} is not a split of {data_cfg.name!r}; choose one of "
+                        f"{', '.join(ds)}")
+    return ds[data_cfg.split]
+
+
+def _hf_texts(ds, data_cfg):
+    """The data.text_column of the first data.max_files rows as `text`, keyed by row number."""
+    column = data_cfg.text_column
+    if getattr(ds.features.get(column), "dtype", None) not in ("string", "large_string"):
+        columns = ", ".join(f"{name!r} ({getattr(feature, 'dtype', type(feature).__name__)})"
+                            for name, feature in ds.features.items())
+        raise DataError(f"data.text_column={column!r} is not a text column of {data_cfg.name!r}, whose columns are "
+                        f"{columns}; choose a string one")
     if data_cfg.max_files:
         ds = ds.select(range(min(data_cfg.max_files, len(ds))))
-    ds = ds.select_columns([data_cfg.text_column]).rename_column(data_cfg.text_column, "text")
-    return ds.map(lambda _, i: {"key": str(i)}, with_indices=True, desc="indexing")
+    ds = ds.select_columns([column])
+    if column != "text":
+        ds = ds.rename_column(column, "text")
+    return ds.add_column("key", [str(i) for i in range(len(ds))])  # in memory: nothing written next to the data
 
 
 def _require_hub(name: str, timeout: float = 5.0) -> None:
@@ -226,8 +242,15 @@ class TokenData:
         return self.tokenizer.decode(list(ids))
 
 
+def _token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned integer that holds every token id."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
 def _cache_problem(directory: Path, fingerprint: str) -> str | None:
     """Why the cache in `directory` cannot be used, or None if every file in it is intact."""
+    from tokenizers import Tokenizer
+
     meta_path = directory / "meta.json"
     if not meta_path.exists():
         return "missing"
@@ -238,6 +261,13 @@ def _cache_problem(directory: Path, fingerprint: str) -> str | None:
         for name in CACHE_FILES:
             if _sha256(directory / name) != meta["sha256"][name]:
                 return f"corrupted ({name} checksum differs)"
+        # meta.json says how to read the files it checksums (a wrong dtype reads garbage ids): it must agree with them
+        vocab_size = Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab_size()
+        dtype = _token_dtype(vocab_size)
+        if meta["vocab_size"] != vocab_size or meta["dtype"] != dtype.name or any(
+                (directory / f"{split}.bin").stat().st_size != max(meta["tokens"][split], 1) * dtype.itemsize
+                for split in ("train", "val")):
+            return "corrupted (meta.json disagrees with the files it describes)"
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"corrupted ({type(err).__name__} reading it)"
     return None
@@ -282,7 +312,7 @@ def _build_cache(corpus, data_cfg, fingerprint: str, directory: Path, log) -> No
     train_ds, val_ds = corpus.select(train_idx), corpus.select(val_idx)
     tokenizer = train_tokenizer(_text_batches(train_ds), data_cfg.vocab_size)
     eos_id = tokenizer.token_to_id(EOS)
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
+    dtype = _token_dtype(tokenizer.get_vocab_size())
 
     def encode(batch):
         ids = [e.ids for e in tokenizer.encode_batch(batch["text"])]
@@ -290,12 +320,16 @@ def _build_cache(corpus, data_cfg, fingerprint: str, directory: Path, log) -> No
 
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=directory.parent))
     try:
-        meta = {"version": CACHE_VERSION, "fingerprint": fingerprint, "dtype": np.dtype(dtype).name, "tokens": {},
+        meta = {"version": CACHE_VERSION, "fingerprint": fingerprint, "dtype": dtype.name, "tokens": {},
                 "source": str(data_cfg.source), "vocab_size": tokenizer.get_vocab_size()}
+        tokenized_dir = tmp / "tokenized"  # map's output, deleted before publishing; by default `datasets` would
+        tokenized_dir.mkdir()              # write it next to the corpus's files: into the user's dataset dir
         for split, ds in (("train", train_ds), ("val", val_ds)):
             tokenized = ds.map(encode, batched=True, num_proc=data_cfg.num_proc if len(ds) > 1 else None,
-                               remove_columns=ds.column_names, desc=f"tokenizing {split}")
+                               remove_columns=ds.column_names, desc=f"tokenizing {split}",
+                               cache_file_name=str(tokenized_dir / f"{split}.arrow"))
             meta["tokens"][split] = _write_tokens(tokenized, tmp / f"{split}.bin", dtype, eos_id)
+        shutil.rmtree(tokenized_dir)
         tokenizer.save(str(tmp / "tokenizer.json"))
         meta["sha256"] = {name: _sha256(tmp / name) for name in CACHE_FILES}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -320,7 +354,9 @@ def _corpus_bytes(corpus) -> int:
 
 
 def _cache_root(cache_dir: str) -> Path:
-    root = Path(os.path.expanduser(str(cache_dir))).resolve()
+    # empty (MINILM_CACHE= set but empty) means the default, as XDG reads an empty XDG_CACHE_HOME; "" resolves to
+    # the current directory, which would scatter caches wherever a run starts
+    root = Path(os.path.expanduser(str(cache_dir) or PathsConfig.cache_dir)).resolve()
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=root):
@@ -335,7 +371,7 @@ def prepare_data(data_cfg, cache_dir: str, log=logger.info) -> TokenData:
     """Tokenized train/val splits for the configured corpus, built once and cached by content."""
     from tokenizers import Tokenizer
 
-    corpus = load_corpus(data_cfg)
+    corpus = load_corpus(data_cfg, cache_dir)
     if len(corpus) == 0:
         raise DataError(f"data.source={data_cfg.source} produced no documents")
     fingerprint = corpus_fingerprint(corpus, data_cfg)

@@ -1,6 +1,7 @@
 """Corpora, tokenizer cache and batch order."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,23 +107,121 @@ def test_text_glob_matching_nothing_is_a_clear_error(tmp_path):
         prepare_data(data_cfg(tmp_path, source="text", files=[str(tmp_path / "nothing*.txt")]))
 
 
-def test_hf_path_with_a_local_dataset(tmp_path):
+def hf_rows(n=30, column="text", tale="once upon a time"):
+    """Rows whose texts are told apart by a marker: "[doc 7]" is in the 8th row only."""
+    return [{column: f"[doc {i}] {tale} " * 8, "id": i} for i in range(n)]
+
+
+def all_text(data) -> str:
+    return data.decode(np.concatenate([data.train, data.val]))
+
+
+def hf_source(tmp_path, shape):
+    """A local dataset of one of the shapes data=hf takes, and the data.* overrides that read it."""
     import datasets
 
-    rows = [{"story": f"once upon a time {i} " * 20, "id": i} for i in range(30)]
-    jsonl = tmp_path / "stories"
-    jsonl.mkdir()
-    (jsonl / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    from_files = prepare_data(data_cfg(tmp_path, source="hf", name=str(jsonl), text_column="story", max_files=None))
-    assert "once upon a time" in from_files.decode(from_files.train[:100])
+    folder = tmp_path / shape
+    if shape == "saved_text":
+        datasets.Dataset.from_list(hf_rows()).save_to_disk(str(folder))
+    elif shape == "saved_story":
+        datasets.Dataset.from_list(hf_rows(column="story")).save_to_disk(str(folder))
+        return folder, {"text_column": "story"}
+    elif shape == "saved_splits":
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(hf_rows(tale="a different tale")),
+                              "validation": datasets.Dataset.from_list(hf_rows())}).save_to_disk(str(folder))
+        return folder, {"split": "validation"}
+    else:
+        folder.mkdir()
+        rows = hf_rows()
+        for part in range(3):  # three files of ten rows: one row per line for .txt and .jsonl
+            chunk = rows[part * 10:(part + 1) * 10]
+            path = folder / f"part{part}.{shape}"
+            if shape == "txt":
+                path.write_text("\n".join(row["text"] for row in chunk) + "\n")
+            elif shape == "jsonl":
+                path.write_text("\n".join(json.dumps(row) for row in chunk) + "\n")
+            else:
+                datasets.Dataset.from_list(chunk).to_parquet(str(path))
+    return folder, {}
 
-    saved = tmp_path / "saved"
-    datasets.Dataset.from_list(rows).save_to_disk(str(saved))
-    from_disk = prepare_data(data_cfg(tmp_path, source="hf", name=str(saved), text_column="story", max_files=None))
-    assert from_disk.fingerprint == from_files.fingerprint  # same documents, same keys, same cache
 
-    with pytest.raises(DataError, match="text_column"):
-        prepare_data(data_cfg(tmp_path, source="hf", name=str(saved), text_column="body"))
+@pytest.mark.parametrize("shape", ["saved_text", "saved_story", "saved_splits", "txt", "jsonl", "parquet"])
+def test_hf_reads_every_local_dataset_shape(tmp_path, shape):
+    folder, overrides = hf_source(tmp_path, shape)
+    data = prepare_data(data_cfg(tmp_path, source="hf", name=str(folder), max_files=None, **overrides))
+    text = all_text(data)
+    assert all(f"[doc {i}] once upon a time" in text for i in range(30))  # every row, of the chosen split only
+    assert "different tale" not in text
+
+
+def test_the_same_rows_saved_or_in_files_share_one_cache(tmp_path):
+    saved, _ = hf_source(tmp_path, "saved_text")
+    files, _ = hf_source(tmp_path, "jsonl")
+    from_disk, from_files = (prepare_data(data_cfg(tmp_path, source="hf", name=str(f), max_files=None))
+                             for f in (saved, files))
+    assert from_disk.fingerprint == from_files.fingerprint and from_disk.cache_dir == from_files.cache_dir
+
+
+@pytest.mark.parametrize("shape", ["saved_splits", "jsonl"])
+def test_a_missing_split_is_one_line_naming_the_splits(tmp_path, shape):
+    folder, _ = hf_source(tmp_path, shape)
+    with pytest.raises(DataError) as error:
+        prepare_data(data_cfg(tmp_path, source="hf", name=str(folder), split="test"))
+    message = str(error.value)
+    assert "\n" not in message and "data.split='test'" in message
+    assert ("train, validation" if shape == "saved_splits" else "choose one of train") in message
+
+
+@pytest.mark.parametrize("column", ["body", "id"])
+def test_a_wrong_text_column_is_one_line_naming_the_columns(tmp_path, column):
+    folder, _ = hf_source(tmp_path, "jsonl")
+    with pytest.raises(DataError) as error:
+        prepare_data(data_cfg(tmp_path, source="hf", name=str(folder), text_column=column))
+    message = str(error.value)
+    assert "\n" not in message and f"data.text_column={column!r}" in message
+    assert "'text' (string), 'id' (int64)" in message  # every column, and which hold text
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder` with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def test_a_local_dataset_is_never_written_into(tmp_path):
+    """datasets.map on a load_from_disk dataset writes its cache files next to the data unless told otherwise."""
+    folders = [hf_source(tmp_path, shape) for shape in ("saved_text", "saved_splits", "jsonl")]
+    before = [snapshot(folder) for folder, _ in folders]
+    for folder, overrides in folders:
+        prepare_data(data_cfg(tmp_path, source="hf", name=str(folder), max_files=None, num_proc=2, **overrides))
+    assert [snapshot(folder) for folder, _ in folders] == before
+
+
+@pytest.mark.slow
+def test_hf_data_writes_only_under_the_cache_dir(tmp_path):
+    """A run on local datasets writes nothing under HOME (datasets' default cache is ~/.cache/huggingface)."""
+    import os
+    import subprocess
+    import sys
+
+    folders = [hf_source(tmp_path, shape) for shape in ("saved_text", "txt", "parquet")]
+    home, cache = tmp_path / "home", tmp_path / "cache"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "XDG_CACHE_HOME"}
+    env["HOME"] = str(home)
+    script = (
+        "import sys; from omegaconf import OmegaConf; from minilm.config import DataConfig; "
+        "from minilm.data import prepare_data\n"
+        "for name in sys.argv[2:]:\n"
+        "    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {'source': 'hf', 'name': name, "
+        "'vocab_size': 300, 'val_fraction': 0.2, 'num_proc': 2})\n"
+        "    print(prepare_data(cfg, sys.argv[1]).cache_dir)"
+    )
+    job = subprocess.run([sys.executable, "-c", script, str(cache), *(str(f) for f, _ in folders)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert job.returncode == 0, job.stderr[-2000:]
+    assert [p for p in home.rglob("*") if p.is_file()] == []
+    token_caches = [Path(line) for line in job.stdout.split()]
+    assert len(token_caches) == 3 and all(c.parent == cache and (c / "train.bin").exists() for c in token_caches)
 
 
 def test_unreachable_hub_is_one_clear_line(tmp_path, monkeypatch):
@@ -188,3 +287,33 @@ def test_a_corrupt_tokenizer_in_the_cache_is_rebuilt(tmp_path):
     again = prepare_data(data_cfg(tmp_path), log=messages.append)
     assert any("tokenizer.json checksum differs" in m for m in messages)
     assert again.encode("def main():") == first.encode("def main():")
+
+
+@pytest.mark.parametrize("tamper", [{"dtype": "uint32"}, {"dtype": "int16"}, {"vocab_size": 70_000},
+                                    {"tokens": {"train": 1, "val": 1}}])
+def test_a_wrong_meta_json_is_detected_and_rebuilt(tmp_path, tamper):
+    """meta.json says how to read the token files: a wrong dtype would read garbage ids."""
+    cfg = data_cfg(tmp_path, source="text", files=[str(write_docs(tmp_path / "docs") / "*.txt")], max_files=None)
+    first = prepare_data(cfg.copy())
+    meta_path = first.cache_dir / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), **tamper}))
+    messages = []
+    again = prepare_data(cfg.copy(), log=messages.append)
+    assert any("corrupted (meta.json" in m for m in messages), messages
+    assert np.array_equal(np.array(again.train), np.array(first.train)) and again.train.dtype == np.uint16
+
+
+def test_an_empty_minilm_cache_means_the_default_cache_dir(tmp_path, monkeypatch):
+    """MINILM_CACHE= (set, empty) is unset, as XDG treats an empty XDG_CACHE_HOME: not the current dir."""
+    from minilm.launch.cli import compose
+
+    docs = write_docs(tmp_path / "docs")
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("MINILM_CACHE", "")
+    cfg = compose(["data=text", f"data.files=[{docs}/*.txt]", "data.vocab_size=300"])
+    data = prepare_data_in(cfg.data, cfg.paths.cache_dir, log=print)
+    assert data.cache_dir.parent == home / ".cache" / "minilm"
+    assert list(work.iterdir()) == []

@@ -234,7 +234,7 @@ def test_non_utf8_text_is_replaced_with_one_warning_by_default(tmp_path, caplog)
     docs[3].write_bytes(b"caf\xe9 au lait " * 50)
     docs[4].write_bytes(b"\xff\xfe ok")
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {"source": "text", "files": [str(p) for p in docs]})
-    corpus = load_corpus(cfg)
+    corpus = load_corpus(cfg, str(tmp_path / "cache"))
     warnings = [r.message for r in caplog.records if "not UTF-8" in r.message]
     assert warnings == ["52 byte(s) in 2 file(s) were not UTF-8 and were replaced by U+FFFD; set data.errors=strict "
                         "to refuse such files instead"]

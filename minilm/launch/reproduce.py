@@ -105,7 +105,8 @@ def check_same_setup(record: RunRecord, device) -> None:
 
 def check_data(cfg, record: RunRecord, force: bool) -> None:
     logged = record.environment.get("data_fingerprint")
-    fingerprint = corpus_fingerprint(load_corpus(cfg.data), cfg.data)  # what the token cache is keyed by
+    corpus = load_corpus(cfg.data, cfg.paths.cache_dir)
+    fingerprint = corpus_fingerprint(corpus, cfg.data)  # what the token cache is keyed by
     if logged is None:
         warn("the run did not log a data fingerprint: cannot check that the data is the same")
     elif fingerprint != logged:
