@@ -62,7 +62,8 @@ def test_deterministic_runs_are_bitwise_equal(tmp_path):
 def test_resume_equals_uninterrupted(precision, optim, tmp_path):
     name, *skip = optim.split()
     # skip-step decides from step 20 on (OLMo-core's minimum history): split after it, at sigma 1 some skip
-    skip, steps, split = (["optim.skip_spikes=true", "optim.skip_spikes_sigma=1"], 26, 22) if skip else ([], 10, 6)
+    skip, steps, split = ((["optim.skip_spikes=true", "optim.skip_spikes_window=20", "optim.skip_spikes_sigma=1"],
+                           26, 22) if skip else ([], 10, 6))
     common = ["deterministic=true", "optim.warmup_steps=0", "model.dropout=0.1", f"precision={precision}",
               f"train.max_steps={steps}", "train.grad_accum=2", f"optim={name}", *skip]
     full = run_training(common, tmp_path / "full")

@@ -97,8 +97,9 @@ class MuonAdamW:
 
     @property
     def param_groups(self) -> list[dict]:
-        # read anew each time: a part's load_state_dict replaces its group dicts
-        return self.parts["adamw"].param_groups + self.parts["muon"].param_groups
+        # read anew each time: a part's load_state_dict replaces its group dicts. Muon's first: its LR is
+        # optim.lr's schedule, what param_groups[0]["lr"] is read as (forensics)
+        return self.parts["muon"].param_groups + self.parts["adamw"].param_groups
 
     @property
     def state(self) -> dict:
