@@ -302,7 +302,7 @@ class DiagnosticsConfig:
     norm_probe: bool = False
 
 
-# The figures a study can ask its report for (minilm/analysis/report.py draws them).
+# The figures a study can ask its report for (minilm/analysis/figures.py draws them).
 FIGURES = ("loss_curves", "final_loss_vs_lr", "grad_norm_by_layer", "attn_logit_max", "attn_entropy", "logz",
            "fp16_scale", "update_rms", "norm_error", "numerics")
 
@@ -383,6 +383,25 @@ def validate(cfg) -> None:
         raise ConfigError("optim=muon cannot run with precision=bf16_pure: Muon would add its update to the bf16 "
                           "weights with round-to-nearest, losing updates below half a bf16 ulp (pure bf16's "
                           "rounding is BF16AdamW's); use precision=bf16 (fp32 weights) or optim=adamw")
+
+
+def check_ensemble_launcher(n_jobs=1, max_members=None, memory_fraction=0.8, **_) -> None:
+    """hydra/launcher=ensemble's settings (hydra.launcher.*; configs/hydra/launcher/ensemble.yaml), outside the
+    job's config: checked by train.py's preflight before anything starts, and by the launcher itself."""
+
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not integer(n_jobs) or n_jobs < 1:
+        raise ConfigError(f"hydra.launcher.n_jobs={n_jobs!r} is not valid; pass an integer >= 1 (units trained at "
+                          f"once), e.g. hydra.launcher.n_jobs=2")
+    if max_members is not None and (not integer(max_members) or max_members < 1):
+        raise ConfigError(f"hydra.launcher.max_members={max_members!r} is not valid; pass an integer >= 1, or null "
+                          f"for as many as memory allows")
+    if isinstance(memory_fraction, bool) or not isinstance(memory_fraction, int | float) \
+            or not 0 < memory_fraction <= 1:
+        raise ConfigError(f"hydra.launcher.memory_fraction={memory_fraction!r} is not valid; pass a number in "
+                          f"(0, 1], e.g. hydra.launcher.memory_fraction=0.5")
 
 
 def parse_device(name: str):

@@ -8,8 +8,7 @@ its traceback. MINILM_TRACEBACK=1 shows the traceback of input errors too.
 
 import os
 import sys
-
-from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
+from contextlib import contextmanager
 
 EXIT_COMPLETED = 0
 EXIT_BUG = 1              # an uncaught exception: Python's own exit status
@@ -45,13 +44,26 @@ class SourceError(MinilmError):
     """A logged run (run dir, W&B run) that cannot be read back."""
 
 
+def _report(error: MinilmError) -> int:
+    """Print an input error's one line (with MINILM_TRACEBACK set: raise it instead); its exit code."""
+    if os.environ.get("MINILM_TRACEBACK"):
+        raise error
+    print(f"error: {error}", file=sys.stderr)
+    return EXIT_INPUT_ERROR
+
+
 def exit_on_input_error(run, argv=None) -> int:
     """Run a command's `run(argv)`; an input error becomes `error: <message>` and EXIT_INPUT_ERROR."""
-    cap_onednn_isa_if_amx_is_broken()  # before any bf16 matmul in this process
     try:
         return run(argv)
     except MinilmError as error:
-        if os.environ.get("MINILM_TRACEBACK"):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
+        return _report(error)
+
+
+@contextmanager
+def input_errors():
+    """An input error (MinilmError) raised inside ends the process with its one line and EXIT_INPUT_ERROR."""
+    try:
+        yield
+    except MinilmError as error:
+        raise SystemExit(_report(error)) from None

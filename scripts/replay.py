@@ -1,8 +1,8 @@
-"""`minilm-replay` from a checkout: see minilm/train/forensics.py (python scripts/replay.py --help)."""
+"""`minilm-replay` from a checkout: see minilm/launch/replay.py (python scripts/replay.py --help)."""
 
 import sys
 
-from minilm.train.forensics import main
+from minilm.launch.replay import main
 
 if __name__ == "__main__":
     sys.exit(main())

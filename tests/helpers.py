@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from minilm.launch.cli import compose
-from minilm.train.tracking import read_metrics
+from minilm.rundir import read_metrics
 from minilm.train.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent

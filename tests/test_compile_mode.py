@@ -4,8 +4,8 @@ eager one (CPU: the aot_eager backend, the same graph without code generation)."
 import pytest
 
 from minilm.launch.cli import compose, preflight
+from minilm.rundir import read_metrics
 from minilm.train.ensemble import MemberJob, train_ensemble
-from minilm.train.tracking import read_metrics
 from tests.helpers import losses, with_tiny
 
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from minilm.config import validate
 from minilm.launch.cli import compose, preflight
 from minilm.norms import build_norm
+from minilm.rundir import read_metrics
 from minilm.train.diagnostics import PROBE_STDS, SpikeScore, beyond_fp16, norm_probe_errors, param_group
-from minilm.train.tracking import read_metrics
 from tests.helpers import losses, make_trainer, peek_batch, run_training
 
 N_LAYER = 2  # size=test's

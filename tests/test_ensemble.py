@@ -19,9 +19,9 @@ import torch
 from minilm import checkpoint
 from minilm.errors import EXIT_INPUT_ERROR
 from minilm.launch.cli import compose
+from minilm.rundir import read_metrics
 from minilm.seeding import rng_state
 from minilm.train.ensemble import Ensemble, MemberJob, ensemble_key, split, train_ensemble, unbatchable_reason
-from minilm.train.tracking import read_metrics
 from minilm.train.trainer import Trainer, train
 from tests.helpers import ROOT, losses, with_tiny
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from minilm import checkpoint
+from minilm.launch.replay import main as replay_main
+from minilm.rundir import read_metrics
 from minilm.seeding import torch_rng_state
-from minilm.train.forensics import main as replay_main
-from minilm.train.tracking import read_metrics
 from tests.helpers import ROOT, losses, make_trainer, peek_batch
 
 REPLAY = ROOT / "scripts" / "replay.py"

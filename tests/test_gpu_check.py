@@ -1,5 +1,5 @@
-"""scripts/gpu/gpu_check.sh: the dry run passes every section on CPU within the file limits of the
-device tool, a real part refuses to start without a complete wheel set, and the wheel check
+"""scripts/gpu/gpu_check.sh: the dry run passes every section on CPU within its file limits (8 files,
+2 folders per part), a real part refuses to start without a complete wheel set, and the wheel check
 resolves what the carried wheels require."""
 
 import json
@@ -22,7 +22,7 @@ REQUIRED_SECTIONS = ["setup", "correctness", "collect-only gpu-marked tests", "b
                      "training: eager fp8", "setup", "sweep: lr_qknorm tiny",
                      "step: 7 runs alone, as an ensemble, folded", "training: tiny compiled",
                      "training: tiny CUDA graphs"]
-MAX_FILES, MAX_FOLDERS = 8, 2  # what the device tool brings back from $OUT
+MAX_FILES, MAX_FOLDERS = 8, 2  # what a part may write under $OUT
 
 
 def gpu_check(args: list[str], out: Path, **env) -> subprocess.CompletedProcess:

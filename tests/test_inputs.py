@@ -15,7 +15,7 @@ from minilm import checkpoint
 from minilm.analysis import report as report_cli
 from minilm.errors import EXIT_INPUT_ERROR
 from minilm.launch import cli, reproduce
-from minilm.train.forensics import main as replay_main
+from minilm.launch.replay import main as replay_main
 from tests.helpers import with_tiny
 
 PLAIN = ["logger=none", "train.max_steps=1"]

@@ -18,7 +18,8 @@ from minilm import checkpoint
 from minilm.errors import EXIT_DIVERGED, EXIT_INPUT_ERROR, EXIT_INTERRUPTED, ConfigError
 from minilm.launch import reproduce
 from minilm.launch.cli import compose
-from minilm.train.tracking import read_metrics, run_naming
+from minilm.rundir import read_metrics
+from minilm.train.tracking import run_naming
 from minilm.train.trainer import Trainer, train
 from tests.helpers import ROOT, losses, make_trainer, run_training, train_command, with_tiny
 

@@ -6,19 +6,19 @@ import math
 import pytest
 import scipy.stats
 
-from minilm.analysis import report
+from minilm.analysis import figures, report, sweep
 from minilm.analysis.runs import RunRecord
 from minilm.train.divergence import DivergenceMonitor
 
 
 @pytest.mark.parametrize("dof", [1, 2, 5, 10, 29, 30, 31, 45, 120, 1000])
 def test_t_quantile_matches_scipy(dof):
-    assert report.t_critical(dof) == pytest.approx(scipy.stats.t.ppf(0.975, dof), abs=2e-3)
+    assert sweep.t_critical(dof) == pytest.approx(scipy.stats.t.ppf(0.975, dof), abs=2e-3)
 
 
 def test_mean_ci():
-    assert report.mean_ci([]) == (None, None) and report.mean_ci([2.0]) == (2.0, None)
-    mean, half = report.mean_ci([1.0, 2.0, 3.0])
+    assert sweep.mean_ci([]) == (None, None) and sweep.mean_ci([2.0]) == (2.0, None)
+    mean, half = sweep.mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
 
 
@@ -32,9 +32,9 @@ def config(precision="fp32", lr=1e-3, seed=0, qk_norm=False):
 
 def test_swept_keys_leave_out_seed_constants_and_keys_another_key_determines():
     configs = [config(p, seed=s) for p in ("fp32", "fp16", "bf16") for s in (0, 1)]
-    assert report.swept_keys(configs) == ["precision.name"]  # not precision.init_scale, not seed
+    assert sweep.swept_keys(configs) == ["precision.name"]  # not precision.init_scale, not seed
     grid = [config(lr=lr, qk_norm=q) for lr in (1e-3, 1e-2) for q in (False, True)]
-    assert report.swept_keys(grid) == ["optim.lr", "model.qk_norm"]
+    assert sweep.swept_keys(grid) == ["optim.lr", "model.qk_norm"]
 
 
 def run(final: float | None, lr: float, qk_norm: bool, seed: int = 0, init: float = 7.0) -> RunRecord:
@@ -48,17 +48,17 @@ def run(final: float | None, lr: float, qk_norm: bool, seed: int = 0, init: floa
 def test_lr_sensitivity_counts_a_diverged_run_as_its_loss_at_init():
     runs = [run(5.0, 1e-3, False), run(4.0, 1e-2, False), run(None, 1e-1, False),
             run(5.0, 1e-3, True), run(4.0, 1e-2, True, seed=0), run(4.4, 1e-2, True, seed=1), run(4.5, 1e-1, True)]
-    stats = [report.run_stats(r) for r in runs]
-    keys = report.swept_keys([r.config for r in runs])
-    arms = report.group_arms(stats, keys)
-    result = report.lr_sensitivity(arms, keys)
+    stats = [sweep.run_stats(r) for r in runs]
+    keys = sweep.swept_keys([r.config for r in runs])
+    arms = sweep.group_arms(stats, keys)
+    result = sweep.lr_sensitivity(arms, keys)
     lrs, losses, score = result["model.qk_norm=False"]
     assert lrs == [1e-3, 1e-2, 1e-1] and losses == [5.0, 4.0, 7.0]  # the diverged run counts as 7.0
     assert score == pytest.approx(((5 - 4) + 0 + (7 - 4)) / 3)
     lrs, losses, score = result["model.qk_norm=True"]
     assert losses == pytest.approx([5.0, 4.2, 4.5])  # seeds averaged per grid point
     assert score == pytest.approx(((5 - 4.2) + 0 + (4.5 - 4.2)) / 3)
-    rows = {r["arm"]: r for r in (report.arm_row(report.arm_label(a, keys), rs) for a, rs in arms.items())}
+    rows = {r["arm"]: r for r in (sweep.arm_row(sweep.arm_label(a, keys), rs) for a, rs in arms.items())}
     diverged = rows["optim.lr=0.1, model.qk_norm=False"]
     assert diverged["diverged"] == 1 and diverged["final_val_mean"] is None and diverged["median_divergence_step"] == 2
 
@@ -67,16 +67,16 @@ def test_a_run_that_spiked_past_the_divergence_line_and_went_on_keeps_its_final_
     record = RunRecord("spiky", config(), rows=[{"step": 1, "train/loss": 7.0}, {"step": 2, "train/loss": 9.0},
                                                 {"step": 3, "train/loss": 5.0}, {"step": 3, "val/loss": 5.1}],
                        summary={"outcome": "completed", "diverged": True, "diverged_at_step": 2})
-    stats = report.run_stats(record)
+    stats = sweep.run_stats(record)
     assert stats.diverged and stats.diverged_at == 2 and stats.final_val == 5.1
     stopped = RunRecord("stopped", config(), rows=record.rows, summary={**record.summary, "outcome": "diverged"})
-    assert report.run_stats(stopped).final_val is None
+    assert sweep.run_stats(stopped).final_val is None
 
 
 def test_swept_keys_keep_a_key_another_group_happens_to_determine():
     # a folder mixing two sweeps: each precision ran at its own LR; both keys still name the arms
     mixed = [config("fp32", lr=1e-3), config("bf16", lr=1e-2), config("fp32", lr=1e-3, seed=1)]
-    assert report.swept_keys(mixed) == ["precision.name", "optim.lr"]
+    assert sweep.swept_keys(mixed) == ["precision.name", "optim.lr"]
 
 
 # ---------------------------------------------------------------- the report over hand-made runs
@@ -158,8 +158,8 @@ def test_verdicts_are_computed_from_the_data(stable_qk_norm):
     from minilm.analysis.studies import verdicts
 
     runs = lr_qknorm_runs(stable_qk_norm)
-    sweep = report.Sweep([report.run_stats(r) for r in runs], report.swept_keys([r.config for r in runs]))
-    found = {v.claim: v for v in verdicts("lr_qknorm", sweep)}
+    swept = sweep.Sweep([sweep.run_stats(r) for r in runs], sweep.swept_keys([r.config for r in runs]))
+    found = {v.claim: v for v in verdicts("lr_qknorm", swept)}
     sensitivity = found["qk-norm lowers the LR sensitivity"]
     assert sensitivity.passed is stable_qk_norm  # flipping which arm diverges flips the verdict
     without, with_qk = sensitivity.numbers["without"], sensitivity.numbers["with"]
@@ -174,15 +174,15 @@ def test_a_verdict_without_the_runs_it_needs_says_so():
     from minilm.analysis.studies import verdicts
 
     runs = [r for r in lr_qknorm_runs(True) if not r.config["model"]["qk_norm"]]  # the qk-norm arm is missing
-    sweep = report.Sweep([report.run_stats(r) for r in runs], report.swept_keys([r.config for r in runs]))
-    found = {v.claim: v for v in verdicts("lr_qknorm", sweep)}
+    swept = sweep.Sweep([sweep.run_stats(r) for r in runs], sweep.swept_keys([r.config for r in runs]))
+    found = {v.claim: v for v in verdicts("lr_qknorm", swept)}
     assert found["qk-norm lowers the LR sensitivity"].passed is None
     assert "not measured" in found["qk-norm lowers the LR sensitivity"].measured
 
 
 def test_n_counts_the_seeds_behind_each_point():
     steps = [1, 2, 3, 4, 5]
-    assert report.n_label(steps, [dict.fromkeys(steps, 1.0)] * 3) == "n=3"
+    assert figures.n_label(steps, [dict.fromkeys(steps, 1.0)] * 3) == "n=3"
     stopped = {1: 1.0, 2: 1.0, 3: 1.0}  # a run that stopped after step 3
-    assert report.n_label(steps, [dict.fromkeys(steps, 1.0), stopped]) == "n=2→1 from step 4"
-    assert report.n_label(steps, [dict.fromkeys(steps, 1.0)]) == "n=1"
+    assert figures.n_label(steps, [dict.fromkeys(steps, 1.0), stopped]) == "n=2→1 from step 4"
+    assert figures.n_label(steps, [dict.fromkeys(steps, 1.0)]) == "n=1"

@@ -13,7 +13,7 @@ import torch
 
 from minilm import checkpoint
 from minilm.errors import EXIT_INTERRUPTED
-from minilm.train.tracking import read_metrics
+from minilm.rundir import read_metrics
 from tests.helpers import losses, run_training, train_command
 
 pytestmark = pytest.mark.slow  # real runs in subprocesses: signals, torchrun, sweeps

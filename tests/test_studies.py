@@ -27,7 +27,7 @@ def sweep_params(name: str) -> dict[str, str]:
     return dict(OmegaConf.load(CONFIG_DIR / "experiment" / f"{name}.yaml").hydra.sweeper.params)
 
 
-def test_every_study_of_the_issue_exists():
+def test_every_canned_study_exists():
     assert set(group_options("experiment")) >= STUDIES
 
 

@@ -16,7 +16,8 @@ import yaml
 import minilm.analysis.runs
 from minilm.analysis import report
 from minilm.launch import reproduce
-from minilm.train.tracking import WANDB_CONFIG_FILE, read_metrics, run_naming
+from minilm.rundir import WANDB_CONFIG_FILE, read_metrics
+from minilm.train.tracking import run_naming
 from tests.helpers import with_tiny
 
 pytestmark = pytest.mark.slow  # real runs in subprocesses: signals, torchrun, sweeps

@@ -5,7 +5,8 @@ import json
 import pytest
 import yaml
 
-from minilm.train.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, Tracker, read_metrics, run_naming
+from minilm.rundir import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, read_metrics
+from minilm.train.tracking import Tracker, run_naming
 from tests.helpers import run_training
 
 WANDB_OFFLINE = ["logger=wandb", "logger.mode=offline", "train.max_steps=3"]

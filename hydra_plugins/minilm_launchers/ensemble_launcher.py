@@ -30,33 +30,17 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from minilm.config import check_ensemble_launcher
+from minilm.errors import input_errors
+from minilm.launch.jobs import job_result, threads_per_job
+
 log = logging.getLogger(__name__)
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job log format
 
 
-def check_settings(n_jobs=1, max_members=None, memory_fraction=0.8, **_) -> None:
-    """The launcher's settings (hydra.launcher.*), checked by train.py's preflight before anything starts:
-    raises ConfigError in one line that names the value and what it takes."""
-    from minilm.errors import ConfigError
-
-    def integer(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    if not integer(n_jobs) or n_jobs < 1:
-        raise ConfigError(f"hydra.launcher.n_jobs={n_jobs!r} is not valid; pass an integer >= 1 (units trained at "
-                          f"once), e.g. hydra.launcher.n_jobs=2")
-    if max_members is not None and (not integer(max_members) or max_members < 1):
-        raise ConfigError(f"hydra.launcher.max_members={max_members!r} is not valid; pass an integer >= 1, or null "
-                          f"for as many as memory allows")
-    if isinstance(memory_fraction, bool) or not isinstance(memory_fraction, int | float) \
-            or not 0 < memory_fraction <= 1:
-        raise ConfigError(f"hydra.launcher.memory_fraction={memory_fraction!r} is not valid; pass a number in "
-                          f"(0, 1], e.g. hydra.launcher.memory_fraction=0.5")
-
-
 class EnsembleLauncher(Launcher):
     def __init__(self, max_members: int | None = None, memory_fraction: float = 0.8, n_jobs: int = 1) -> None:
-        check_settings(n_jobs, max_members, memory_fraction)
+        check_ensemble_launcher(n_jobs, max_members, memory_fraction)
         self.max_members, self.memory_fraction, self.n_jobs = max_members, memory_fraction, n_jobs
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
@@ -157,8 +141,6 @@ class EnsembleLauncher(Launcher):
     def _launch_side_by_side(self, units: list[list[int]], configs: list[DictConfig], first: int) -> list[JobReturn]:
         """Every unit's job dirs made here, then the units trained n_jobs at a time in processes of their own.
         Ctrl-C reaches every process: each unit checkpoints and ends `interrupted`, as in one process."""
-        from minilm.launch.cli import input_errors, job_result, threads_per_job
-
         registered = [self._register([configs[i] for i in unit]) for unit in units]
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         threads = threads_per_job(self.n_jobs)
@@ -187,7 +169,6 @@ class EnsembleLauncher(Launcher):
     def _run_ensemble(self, configs: list[DictConfig], label: str) -> list[JobReturn]:
         """Make each member's job dir through Hydra's run_job (its .hydra/ files, callbacks), then train them
         as one ensemble; each JobReturn carries its member's result, as the job alone would."""
-        from minilm.launch.cli import input_errors, job_result
         from minilm.train.ensemble import train_ensemble
 
         returns, members, log_name = self._register(configs)

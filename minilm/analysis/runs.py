@@ -3,7 +3,7 @@
 A source is one of
     run dir       a Hydra run dir: config.yaml (resolved), environment.json, metrics.jsonl, summary.json
     W&B run dir   <run dir>/wandb/offline-run-*/ or run-*/: its files/ hold the run dir's config and
-                  environment (tracking.WANDB_*_FILE); its history is read from the run dir around it
+                  environment (rundir.WANDB_*_FILE); its history is read from the run dir around it
     W&B run path  entity/project/run_id (or a project's runs, filtered by group), through the W&B API
 
 Every W&B API call goes through `wandb_api()`, the one seam tests replace.
@@ -17,9 +17,7 @@ from pathlib import Path
 import yaml
 
 from minilm.errors import SourceError
-from minilm.train.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, read_metrics
-
-REVISIONS_FILE = "config_revisions.yaml"  # config changes a resumed run accepted (minilm/train/lifecycle.py)
+from minilm.rundir import REVISIONS_FILE, WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, read_metrics
 
 
 @dataclass
@@ -34,19 +32,6 @@ class RunRecord:
     def series(self, metric: str) -> dict[int, float]:
         """{step: value} of one metric; non-finite values (logged as "nan", "inf") become floats."""
         return {row["step"]: float(row[metric]) for row in self.rows or () if row.get(metric) is not None}
-
-
-def flatten(node: dict, prefix: str = "", keep_lists: bool = False) -> dict:
-    """A nested config as {"dotted.key": value}; lists as their repr (hashable) unless keep_lists."""
-    flat = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}.", keep_lists))
-        elif isinstance(value, (str, int, float, bool, type(None))) or (keep_lists and isinstance(value, list)):
-            flat[f"{prefix}{key}"] = value
-        else:
-            flat[f"{prefix}{key}"] = repr(value)
-    return flat
 
 
 def _parsed(path: Path, kind: type, default):

@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from minilm.analysis.report import (
+from minilm.analysis.sweep import (
     LR_KEY,
     RunStats,
     Sweep,

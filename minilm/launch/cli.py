@@ -11,7 +11,6 @@ exits with the code of the most severe outcome (minilm/errors.py).
 import itertools
 import os
 import sys
-from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -31,15 +30,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
-from minilm.config import Config, check_runnable, resolve_device, schema_field, validate
-from minilm.errors import (
-    EXIT_COMPLETED,
-    EXIT_DIVERGED,
-    EXIT_INPUT_ERROR,
-    EXIT_INTERRUPTED,
-    MinilmError,
-    RunDirError,
-)
+from minilm.config import Config, check_ensemble_launcher, check_runnable, resolve_device, schema_field, validate
+from minilm.errors import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, MinilmError, RunDirError, input_errors
+from minilm.launch.jobs import exit_code, job_result, record_outcome, threads_per_job
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 CONFIG_NAME = "train"
@@ -203,9 +196,7 @@ def check_output_dir(path: Path, key: str) -> None:
 def check_launcher(launcher) -> None:
     """hydra/launcher=ensemble's settings (the other launchers are Hydra plugins that check their own)."""
     if str(launcher.get("_target_", "")).endswith(".EnsembleLauncher"):
-        from hydra_plugins.minilm_launchers.ensemble_launcher import check_settings
-
-        check_settings(**OmegaConf.to_container(launcher, resolve=True))
+        check_ensemble_launcher(**OmegaConf.to_container(launcher, resolve=True))
 
 
 def preflight(argv: list[str]) -> str | None:
@@ -247,37 +238,6 @@ class SweepOutcome(Callback):
                 continue
 
 
-_exit_code = EXIT_COMPLETED
-
-
-def record_outcome(diverged: bool) -> None:
-    global _exit_code
-    if diverged:
-        _exit_code = EXIT_DIVERGED
-
-
-@contextmanager
-def input_errors():
-    """An input error (MinilmError) raised inside ends the process with its one line and EXIT_INPUT_ERROR."""
-    try:
-        yield
-    except MinilmError as error:
-        if os.environ.get("MINILM_TRACEBACK"):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(EXIT_INPUT_ERROR) from None
-
-
-def job_result(summary: dict) -> float:
-    """What a finished job gives Hydra: its final val loss (what sweepers such as Optuna minimize). An
-    interrupted job stops the sweep (exit 75: rerunning it resumes); a diverged one sets the exit code."""
-    if summary["outcome"] == "interrupted":
-        raise SystemExit(EXIT_INTERRUPTED)
-    record_outcome(bool(summary.get("diverged")))
-    val_loss = summary.get("val/loss")
-    return val_loss if val_loss is not None else float("inf")
-
-
 def share_cores(hydra_cfg) -> None:
     """Under a launcher that runs n_jobs jobs at once in this machine's processes (hydra/launcher=parallel,
     joblib), each job takes its share of the cores: n_jobs processes with every core's thread each would
@@ -288,11 +248,6 @@ def share_cores(hydra_cfg) -> None:
         import torch
 
         torch.set_num_threads(threads_per_job(n_jobs))
-
-
-def threads_per_job(n_jobs: int) -> int:
-    """CPU threads for each of n_jobs processes that share this machine."""
-    return max(1, (os.cpu_count() or 1) // n_jobs)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
@@ -319,4 +274,4 @@ def main() -> None:
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once
         print("interrupted: stopped at once (a second Ctrl-C); resume from the last checkpoint", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    sys.exit(_exit_code)
+    sys.exit(exit_code())

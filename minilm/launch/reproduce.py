@@ -36,14 +36,15 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from minilm.analysis.runs import RunRecord, flatten, load_run
+from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
+from minilm.analysis.runs import RunRecord, load_run
 from minilm.config import resolve_device, validate
 from minilm.data import corpus_fingerprint, load_corpus
 from minilm.environment import environment_record, git_commit
 from minilm.errors import MinilmError, exit_on_input_error
 from minilm.launch.cli import compose, one_line
+from minilm.rundir import flatten, read_metrics
 from minilm.train.lifecycle import apply_revisions
-from minilm.train.tracking import read_metrics
 from minilm.train.trainer import Trainer
 
 EXIT_PASS, EXIT_FAIL = 0, 1
@@ -240,4 +241,5 @@ def run(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`minilm-reproduce` / scripts/reproduce.py."""
+    cap_onednn_isa_if_amx_is_broken()  # before any bf16 matmul in this process
     return exit_on_input_error(run, argv)

@@ -30,11 +30,11 @@ from collections import deque
 import torch
 from torch import nn
 
+from minilm.rundir import PROBE_MEANS
+
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
-# Probe rows for the norm: mean + std * z, z fixed with mean 0 and std 1 per row. Centred rows test the
-# dtype's range (fp16 goes subnormal below 6.1e-5), offset rows its spacing near 1 (the mean cancels).
+# Probe rows for the norm: mean + std * z (PROBE_MEANS), z fixed with mean 0 and std 1 per row.
 PROBE_STDS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
-PROBE_MEANS = {"centred": 0.0, "offset": 1.0}
 PROBE_ROWS = 64
 _TOP_LEVEL_GROUPS = {"tok_emb": "embed", "pos_emb": "embed", "lm_head": "head", "norm_f": "final_norm"}
 _ATTN_CHUNK_ELEMENTS = 2**26  # bound the fp32 (batch, head, T, T) logits held at once

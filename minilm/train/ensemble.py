@@ -42,12 +42,13 @@ from torch.func import functional_call, vmap
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from minilm.analysis.runs import flatten
 from minilm.data import prepare_data
 from minilm.model import lm_loss
+from minilm.rundir import flatten
 from minilm.seeding import rng_state, set_rng_state, torch_rng_state
+from minilm.train.build import compile_mode
 from minilm.train.lifecycle import RunDir, StopSignals, plain
-from minilm.train.trainer import Trainer, compile_mode, samples
+from minilm.train.trainer import Trainer, samples
 
 log = logging.getLogger("minilm")
 
@@ -272,8 +273,6 @@ def train_ensemble(jobs: list[MemberJob], label: str = "") -> list[dict]:
     for i, job in enumerate(jobs):
         finished = RunDir(job.run_dir).finished_summary(job.cfg)
         if finished is not None:
-            log.info(f"{job.run_dir} already finished (outcome {finished['outcome']} at step {finished['step']}); "
-                     f"not training it again")
             summaries[i] = finished
         else:
             todo.append(i)

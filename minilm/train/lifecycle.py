@@ -22,8 +22,8 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from minilm.analysis.runs import REVISIONS_FILE, flatten
 from minilm.errors import ConfigError, RunDirError
+from minilm.rundir import REVISIONS_FILE, flatten
 
 log = logging.getLogger("minilm")
 FINISHED = ("completed", "diverged")
@@ -125,8 +125,9 @@ class RunDir:
         return (self._read("environment.json", json.loads) or {}).get("wandb_run_id")
 
     def finished_summary(self, cfg) -> dict | None:
-        """The summary of a run that already finished here with this config; None when there is work to do.
-        A finished run with a different config is refused: it is another run."""
+        """The summary of a run that already finished here with this config, which is then not trained again
+        (the log says so); None when there is work to do. A finished run with a different config is refused:
+        it is another run."""
         summary = self.summary()
         if not summary or summary.get("outcome") not in FINISHED or str(cfg.train.resume) != "auto":
             return None
@@ -134,6 +135,8 @@ class RunDir:
         if changes:
             raise RunDirError(f"{self.path} holds a finished run with another config ({describe(changes)}); use "
                               f"another hydra.run.dir, or train.resume=none to archive it and train this one")
+        log.info(f"{self.path} already finished (outcome {summary['outcome']} at step {summary['step']}); not "
+                 f"training it again (train.resume=none archives it and trains again)")
         return summary
 
     def archive(self) -> Path | None:

@@ -25,10 +25,9 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from minilm.rundir import read_metrics
+
 WANDB_HOST = "api.wandb.ai"
-# the run dir's config.yaml and environment.json, as stored inside the W&B run
-WANDB_CONFIG_FILE = "minilm_config.yaml"
-WANDB_ENVIRONMENT_FILE = "minilm_environment.json"
 REACHABILITY_TIMEOUT_S = 3.0
 log = logging.getLogger("minilm")
 
@@ -99,18 +98,6 @@ def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no inf/nan; keep them readable ("nan", "inf")
     return value
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl; a last line cut short by a crash is left out."""
-    rows = []
-    with open(Path(run_dir) / "metrics.jsonl") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
 
 
 def repair_metrics(path: Path, keep_through_step: int) -> int:

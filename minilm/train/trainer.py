@@ -44,31 +44,22 @@ from minilm.config import check_runnable, resolve_device, validate
 from minilm.data import TokenWindowSampler, eval_batches, prepare_data
 from minilm.environment import environment_record
 from minilm.errors import EXIT_CODES, CheckpointError, DataError, MinilmError, RunDirError
-from minilm.model import GPT, generate, lm_loss
+from minilm.model import generate, lm_loss
 from minilm.optim import build_optimizer, lr_at, set_schedule
 from minilm.optim.skip_step import SpikeSkip
 from minilm.precision.bf16_pure import bytes_per_param
 from minilm.precision.policy import Precision
+from minilm.rundir import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE
 from minilm.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, torch_rng_state
+from minilm.train.build import build_model, compile_mode
 from minilm.train.diagnostics import Diagnostics, peak_memory_mb
 from minilm.train.divergence import DivergenceMonitor
 from minilm.train.forensics import Forensics
 from minilm.train.lifecycle import RunDir, StepScalars, StopSignals, check_architecture, check_resume, plain
 from minilm.train.numerics import NumericsCollector
-from minilm.train.tracking import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, Tracker
+from minilm.train.tracking import Tracker
 
 log = logging.getLogger("minilm")
-
-
-def build_model(cfg, vocab_size: int, precision: Precision) -> GPT:
-    """The run's GPT on the precision's device, in the precision's number formats."""
-    model = GPT(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.norm), vocab_size)
-    return precision.prepare_model(model.to(precision.device))
-
-
-def compile_mode(cfg) -> str | None:
-    """torch.compile's mode for train.compile_mode (None: its default)."""
-    return None if cfg.train.compile_mode == "default" else str(cfg.train.compile_mode)
 
 
 def checkpoint_bytes(model: torch.nn.Module) -> int:
@@ -607,8 +598,6 @@ def train(cfg, run_dir: Path, overrides: list[str] = (), choices: dict | None = 
     trained again (its summary is returned)."""
     finished = RunDir(run_dir).finished_summary(cfg)
     if finished is not None:
-        log.info(f"{run_dir} already finished (outcome {finished['outcome']} at step {finished['step']}); not "
-                 f"training it again (train.resume=none archives it and trains again)")
         return finished
     trainer = Trainer(cfg, run_dir, overrides, choices)
     distributed = trainer.world_size > 1

@@ -84,7 +84,6 @@ def main() -> None:
     if not (args.nanogpt / "train.py").exists():
         sys.exit(f"--nanogpt {args.nanogpt}: no train.py there; pass a checkout of karpathy/nanoGPT")
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    sys.path.insert(0, str(ROOT))
     from minilm.data import prepare_data
     from minilm.launch.cli import compose
 

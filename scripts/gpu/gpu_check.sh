@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: prove every Triton kernel and measure the headline figures within one short
-# GPU session (15 minutes on one H200 in all, machine start-up included; at most 10 minutes per command).
+# The GPU check: prove every Triton kernel and measure the headline figures in three parts, each one
+# command of at most 10 minutes on one GPU (parts 1 and 2 together fit 15 minutes, start-up included).
 #
 #   bash scripts/gpu/gpu_check.sh --fetch     # on a CPU machine with the package registry: the wheels the
 #                                         # device image lacks -> .whl/ (the run must carry: [".whl"])
@@ -9,7 +9,7 @@
 #   bash scripts/gpu/gpu_check.sh 3           # on the GPU, in a window of its own: sweep throughput, CUDA graphs
 #   bash scripts/gpu/gpu_check.sh --dry-run   # anywhere, no GPU: every section at toy sizes (CI runs it)
 #
-# Part N writes into $OUT/partN/ ($OUT is the device tool's result folder; ./gpu-results without it),
+# Part N writes into $OUT/partN/ ($OUT: where the results go; ./gpu-results without it),
 # at most 8 files: each section's log and JSON are written by the section itself as it runs (no
 # pipeline in between), so a section killed at its cap keeps what it wrote. partN/check.log holds
 # this script's own lines: one PASS / FAIL / SKIP line per section, then a SUMMARY line. The exit

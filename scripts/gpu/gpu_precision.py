@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from minilm.train.tracking import read_metrics
+from minilm.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,42 @@
+"""The run-dir contract that training writes and analysis reads: file names and metrics.jsonl.
+
+A run dir holds config.yaml (resolved), environment.json, metrics.jsonl (one JSON object per line,
+each with `step`), summary.json, config revisions (REVISIONS_FILE) and checkpoints/. A W&B run keeps
+the run dir's config and environment under the names below.
+"""
+
+import json
+from pathlib import Path
+
+REVISIONS_FILE = "config_revisions.yaml"  # config changes a resumed run accepted (minilm/train/lifecycle.py)
+# the run dir's config.yaml and environment.json, as stored inside the W&B run
+WANDB_CONFIG_FILE = "minilm_config.yaml"
+WANDB_ENVIRONMENT_FILE = "minilm_environment.json"
+# The norm probe's row families, logged as diag/norm_error/<family>/<std>: rows mean + std * z. Centred
+# rows test the dtype's range (fp16 goes subnormal below 6.1e-5), offset rows its spacing near 1 (the mean cancels).
+PROBE_MEANS = {"centred": 0.0, "offset": 1.0}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl; a last line cut short by a crash is left out."""
+    rows = []
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def flatten(node: dict, prefix: str = "", keep_lists: bool = False) -> dict:
+    """A nested config as {"dotted.key": value}; lists as their repr (hashable) unless keep_lists."""
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}.", keep_lists))
+        elif isinstance(value, (str, int, float, bool, type(None))) or (keep_lists and isinstance(value, list)):
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = repr(value)
+    return flat

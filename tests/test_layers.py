@@ -1,0 +1,103 @@
+"""The floor plan as a test: which part of minilm may import which, and no import circle.
+
+Layers (README, Architecture): the core (minilm/*.py, norms/, precision/) imports no wing;
+minilm/train/ and minilm/analysis/ import only the core (and themselves); minilm/launch/ and the
+Hydra launcher plugin may import anything. Every import counts, the ones inside functions too:
+a function-level import is how a circle hides.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("minilm", "hydra_plugins")
+MAY_IMPORT = {
+    "core": {"core"},
+    "train": {"core", "train"},
+    "analysis": {"core", "analysis"},
+    "launch": {"core", "train", "analysis", "launch"},
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))}
+
+
+def layer(module: str) -> str:
+    if module.startswith("hydra_plugins"):
+        return "launch"  # the Hydra launcher runs the command line's jobs
+    wing = module.split(".")[1] if module.count(".") else ""
+    return wing if wing in ("train", "launch", "analysis") else "core"
+
+
+def imported_modules(module: str) -> dict[str, int]:
+    """The minilm modules `module` imports, anywhere in it, each with the line of its first import."""
+    found: dict[str, int] = {}
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            # `from minilm.norms import triton_ops` imports a module; `from minilm.norms import build_norm` a name
+            names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in MODULES else node.module
+                     for alias in node.names]
+        else:
+            continue
+        for name in names:
+            while name and name not in MODULES:  # `import minilm.train.trainer` -> that module
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                found.setdefault(name, node.lineno)
+    return found
+
+
+GRAPH = {module: imported_modules(module) for module in MODULES}
+
+
+def test_the_graph_sees_module_and_function_level_imports():
+    assert "minilm.config" in GRAPH["minilm.model"]  # module level
+    assert "minilm.train.trainer" in GRAPH["minilm.launch.cli"]  # inside main()
+    assert set(layer(m) for m in MODULES) == set(MAY_IMPORT)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_each_module_imports_only_the_layers_below_it(module):
+    broken = [f"{MODULES[module].relative_to(ROOT)}:{line} imports {target} ({layer(target)})"
+              for target, line in GRAPH[module].items() if layer(target) not in MAY_IMPORT[layer(module)]]
+    assert not broken, f"{layer(module)} may import only {sorted(MAY_IMPORT[layer(module)])}: " + "; ".join(broken)
+
+
+def find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
+    """One import circle of `graph` (as the list of its modules, first repeated last), or None."""
+    state: dict[str, str] = {}  # "open" while on the path, "done" after
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        state[module] = "open"
+        for target in graph[module]:
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := visit(target, path + [target])):
+                return cycle
+        state[module] = "done"
+        return None
+
+    for module in graph:
+        if module not in state and (cycle := visit(module, [module])):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_a_hidden_circle_and_passes_a_tree():
+    assert find_cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 9}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b": 1, "c": 1}, "b": {"c": 1}, "c": {}}) is None
+
+
+def test_no_import_circle_in_minilm_and_the_hydra_plugin():
+    cycle = find_cycle(GRAPH)
+    assert cycle is None, "import circle: " + " -> ".join(
+        f"{a} ({MODULES[a].relative_to(ROOT)}:{GRAPH[a][b]})" for a, b in zip(cycle, cycle[1:])) + f" -> {cycle[-1]}"
