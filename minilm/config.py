@@ -36,7 +36,7 @@ def choices(name: str, *values: str) -> type[Choice]:
 
 Placement = choices("Placement", "pre", "post", "sandwich")
 Init = choices("Init", "gpt2", "xavier")
-NormKind = choices("NormKind", "layernorm", "rmsnorm", "triton_layernorm", "triton_rmsnorm")
+NormKind = choices("NormKind", "layernorm", "rmsnorm", "dyt", "triton_layernorm", "triton_rmsnorm", "triton_dyt")
 PrecisionName = choices("PrecisionName", "fp32", "fp16", "bf16", "bf16_pure", "fp8")
 Rounding = choices("Rounding", "nearest", "stochastic", "kahan")
 Fp8Recipe = choices("Fp8Recipe", "tensorwise", "rowwise")
@@ -122,7 +122,8 @@ class NormConfig:
 
     kind: NormKind = NormKind.layernorm
     eps: float = knob(1e-5, positive)
-    affine: bool = True                                # learnable gain (and bias, for LayerNorm with model.bias)
+    affine: bool = True                                # learnable gain (and bias, for LayerNorm / DyT with model.bias)
+    dyt_alpha: float = knob(0.5, positive)             # dyt kinds: the initial alpha of gamma * tanh(alpha * x) + beta
 
 
 @dataclass
@@ -436,7 +437,7 @@ def resolve_device(name: str):
 
 def check_runnable(cfg, device) -> None:
     """What this machine and software must offer for the config: the norm kind's kernels, fp8's torchao."""
-    from minilm.norms.availability import norm_unavailable_reason
+    from minilm.norms import norm_unavailable_reason
 
     reason = norm_unavailable_reason(str(cfg.norm.kind), device.type)
     if reason:

@@ -95,9 +95,10 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, norm_cfg: NormConfig, vocab_size: int):
         super().__init__()
-        self.cfg, self.vocab_size = cfg, vocab_size
-        # LayerNorm's bias follows model.bias, like the linears'
-        norm = partial(build_norm, str(norm_cfg.kind), eps=norm_cfg.eps, affine=norm_cfg.affine, bias=cfg.bias)
+        self.cfg, self.norm_cfg, self.vocab_size = cfg, norm_cfg, vocab_size
+        # LayerNorm's and DyT's biases follow model.bias, like the linears'
+        norm = partial(build_norm, str(norm_cfg.kind), eps=norm_cfg.eps, affine=norm_cfg.affine, bias=cfg.bias,
+                       dyt_alpha=norm_cfg.dyt_alpha)
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)

@@ -248,6 +248,22 @@ def test_norm_probe_measures_eps_bias_and_the_rounding_of_each_dtype(kind):
         assert bf16["norm_rounding_error/offset/1e-02"] > 4 * fp16["norm_rounding_error/offset/1e-02"]
 
 
+@pytest.mark.parametrize("kind", ["dyt", "triton_dyt"])
+def test_norm_probe_of_dyt_measures_its_rounding_against_float64_dyt(kind):
+    """DyT normalizes nothing: no norm_error, only its arithmetic against float64 DyT with its own alpha and gain."""
+    norm = build_norm(kind, 64, dyt_alpha=0.7)
+    with torch.no_grad():
+        norm.weight.mul_(1.5)
+    errors = {dtype: norm_probe_errors(norm, kind, 64, dtype, torch.autocast("cpu", dtype, dtype != torch.float32),
+                                       torch.device("cpu"))
+              for dtype in (torch.float32, torch.bfloat16)}
+    assert not any(name.startswith("norm_error/") for name in errors[torch.float32])
+    for std in PROBE_STDS:  # rows of mean 0 and 1, each rounded once to the dtype, then squashed
+        for family in ("centred", "offset"):
+            assert errors[torch.float32][f"norm_rounding_error/{family}/{std:.0e}"] < 1e-6
+            assert errors[torch.bfloat16][f"norm_rounding_error/{family}/{std:.0e}"] < 2**-7
+
+
 def test_diagnostics_config_group():
     off = compose(["diagnostics=off"])
     validate(off)

@@ -61,6 +61,8 @@ def test_grouping_keys():
     assert unbatchable_reason(base) is None
     assert "dropout" in unbatchable_reason(config(["model.dropout=0.1"]))
     assert "triton" in unbatchable_reason(config(["norm=triton_rmsnorm"]))
+    assert "norm=triton_dyt" in unbatchable_reason(config(["norm=triton_dyt"]))
+    assert unbatchable_reason(config(["norm=dyt"])) is None
     assert split(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
     assert split(list(range(4)), 9) == [[0, 1, 2, 3]]
 
@@ -110,6 +112,18 @@ def test_members_draw_their_samples_as_alone(tmp_path):
     alone = [trainer.sample() for trainer in trainers]
     assert ensemble._samples(trainers) == alone
     assert alone[0] != alone[1] and len(trainers[0].data.encode(alone[0])) > 32
+
+
+@pytest.mark.slow
+def test_dyt_members_train_as_their_runs_alone(tmp_path):
+    """DyT under vmap: each member's alpha, gain and bias are its own (alpha's gradient a sum over the member's
+    elements only)."""
+    arms = [["norm=dyt", "seed=0", "train.max_steps=4"], ["norm=dyt", "norm.dyt_alpha=1.0", "seed=1",
+                                                          "optim.lr=1e-2", "train.max_steps=4"]]
+    run_ensemble(arms, tmp_path)
+    for i, arm in enumerate(arms):
+        run_alone(arm, tmp_path / f"alone{i}")
+        assert_same_run(tmp_path / f"member{i}", tmp_path / f"alone{i}")
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ def gpu_check(args: list[str], out: Path, **env) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script decides
     environment.update(OUT=str(out), PYTHON=sys.executable, **env)
     return subprocess.run(["bash", str(ROOT / "scripts" / "gpu" / "gpu_check.sh"), *args], cwd=ROOT, env=environment,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1500)  # part 1 beside parts 2 + 3: 600 + 600 s
 
 
 @pytest.mark.slow

@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
-from minilm.config import ModelConfig, NormConfig
+from minilm.config import ModelConfig, NormConfig, NormKind
 from minilm.model import GPT, lm_loss
-from minilm.norms import NORM_KINDS, build_norm
-from minilm.norms.availability import norm_unavailable_reason
+from minilm.norms import NORM_KINDS, NORMS, build_norm, norm_unavailable_reason
 
 
 def model(norm_kind="layernorm", **kwargs):
@@ -49,15 +48,25 @@ def test_post_norm_block_output_is_normalized():
     assert y.std(-1, unbiased=False).mean().item() == pytest.approx(1, abs=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm", "dyt"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_registry_norms_keep_the_input_dtype(kind, dtype):
     norm = build_norm(kind, 32)
     assert norm(torch.randn(3, 32, dtype=dtype)).dtype == dtype
 
 
+def test_the_registry_has_one_row_per_norm_choice_and_torch_twins():
+    assert set(NORMS) == {kind.value for kind in NormKind}  # a new kind: a row of NORMS and a NormKind value
+    for kind, spec in NORMS.items():
+        assert not NORMS[spec.twin].triton and (spec.twin == kind) is (not spec.triton)
+
+
+def test_the_model_keeps_its_norm_spec():
+    assert str(model(norm_kind="rmsnorm").norm_cfg.kind) == "rmsnorm"
+
+
 def test_unknown_norm_kind_names_the_choices():
-    with pytest.raises(ValueError, match="layernorm, rmsnorm, triton_layernorm, triton_rmsnorm"):
+    with pytest.raises(ValueError, match="layernorm, rmsnorm, dyt, triton_layernorm, triton_rmsnorm, triton_dyt"):
         build_norm("batchnorm", 8)
 
 
@@ -91,6 +100,9 @@ def test_qk_norm_and_sandwich_work_with_every_norm_kind(kind):
     idx = torch.randint(0, 64, (2, 16))
     q, k, _ = model.blocks[0].attn.project_qkv(10 * torch.randn(2, 16, 32))  # variance >> eps
     for t in (q, k):  # each head's query / key vector normalized (gains are 1 at init)
+        if "dyt" in kind:  # squashed instead: tanh(alpha * x) with gains 1 and biases 0 at init
+            assert 0.9 < t.abs().max() < 1
+            continue
         rms = t.pow(2).mean(dim=-1).sqrt()
         torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-3, atol=1e-3)
         if "layernorm" in kind:
@@ -103,3 +115,33 @@ def test_qk_norm_and_sandwich_work_with_every_norm_kind(kind):
     x = torch.randn(2, 16, 32, dtype=torch.float64)
     h = x + block.norm_attn_out(block.attn(block.norm_attn(x)))
     torch.testing.assert_close(block(x), h + block.norm_mlp_out(block.mlp(block.norm_mlp(h))))
+
+
+def test_dyt_is_gamma_tanh_alpha_x_plus_beta_with_its_configured_alpha():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=32, block_size=16), NormConfig(kind="dyt", dyt_alpha=0.3), 64)
+    norm = model.blocks[0].norm_attn
+    assert torch.equal(norm.alpha.detach(), torch.tensor([0.3]))  # the model's init leaves it alone
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    expected = norm.weight.double() * torch.tanh(norm.alpha.double() * x) + norm.bias.double()
+    torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=1e-12)
+    assert model.blocks[0].norm_attn.bias is not None and GPT(
+        ModelConfig(n_layer=1, n_head=2, d_model=32, block_size=16, bias=False), NormConfig(kind="dyt"), 64
+    ).norm_f.bias is None  # DyT's beta follows model.bias, as LayerNorm's
+
+
+@pytest.mark.parametrize("kind", ["dyt", "triton_dyt"])
+def test_dyt_model_compiles_without_graph_breaks(kind):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=32, block_size=16, qk_norm=True), NormConfig(kind=kind), 64)
+    idx = torch.randint(0, 64, (2, 16))
+    eager = model(idx)
+    eager_grads = torch.autograd.grad(eager.square().sum(), list(model.parameters()))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(idx)  # fails on any graph break
+    grads = torch.autograd.grad(compiled.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for a, e in zip(grads, eager_grads):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)

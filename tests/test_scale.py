@@ -112,7 +112,7 @@ def test_sigusr1_also_checkpoints(tmp_path):
     assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"] >= 2
 
 
-@pytest.mark.parametrize("norm", ["layernorm", "triton_rmsnorm"])
+@pytest.mark.parametrize("norm", ["layernorm", "triton_rmsnorm", "dyt", "triton_dyt"])
 def test_compiled_model_trains_like_eager(norm, tmp_path):
     # aot_eager runs dynamo + AOT autograd (the custom ops' fake kernels included) without
     # inductor's C++ code generation, which takes minutes on 2 CPU cores.

@@ -1,4 +1,4 @@
-"""Triton LayerNorm / RMSNorm: float64 truth, hard inputs, determinism, torch integration.
+"""Triton LayerNorm / RMSNorm / DyT: float64 truth, hard inputs, determinism, torch integration.
 
 On CPU the kernels run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
 so shapes stay small; with CUDA the same tests run on the GPU.
@@ -16,6 +16,7 @@ from torch import nn
 
 from minilm.norms import build_norm, triton_kernels, triton_ops
 from minilm.norms.availability import triton_unavailable_reason
+from minilm.norms.dyt import DyT
 from minilm.norms.reference import (
     DEVICE,
     DTYPES,
@@ -23,6 +24,7 @@ from minilm.norms.reference import (
     OUTPUTS,
     SLACK,
     TOL,
+    dyt_alpha,
     forward_backward,
     make_params,
     random_inputs,
@@ -32,7 +34,7 @@ from minilm.norms.reference import (
     triton_errors,
     triton_norm,
 )
-from minilm.norms.triton_norm import TritonLayerNorm, TritonRMSNorm
+from minilm.norms.triton_norm import TritonDyT, TritonLayerNorm, TritonRMSNorm
 
 
 def check_against_reference(norm, dtype, shape, eps, affine, seed=0):
@@ -64,8 +66,8 @@ class _NotOnThisPath:
 
 @pytest.fixture
 def looped(monkeypatch):
-    """Rows longer than one block at test-sized N: fused limit 8, 8-wide chunks, fused kernels banned.
-    (The interpreter pays per chunk and row, so these tests keep both few.)"""
+    """Rows longer than one block at test-sized N: fused limit 8, 8-wide chunks (DyT's column chunks
+    too), fused kernels banned. (The interpreter pays per chunk and row, so these tests keep both few.)"""
     monkeypatch.setattr(triton_ops, "FORWARD", dataclasses.replace(triton_ops.FORWARD, max_fused_n=8))
     monkeypatch.setattr(triton_ops, "BACKWARD", dataclasses.replace(triton_ops.BACKWARD, max_fused_n=8))
     monkeypatch.setattr(triton_ops, "LOOP_BLOCK_N", 8)
@@ -88,7 +90,8 @@ def test_looped_path_matches_float64_reference(looped, norm, affine, dtype, shap
     check_against_reference(norm, dtype, shape, 1e-5, affine)
 
 
-@pytest.mark.parametrize("norm,dtype", [("layernorm", torch.float32), ("rmsnorm", torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("norm,dtype", [("layernorm", torch.float32), ("rmsnorm", torch.bfloat16),
+                                        ("dyt", torch.float32)], ids=str)
 def test_rows_longer_than_64k(monkeypatch, norm, dtype):
     monkeypatch.setattr(triton_kernels, "norm_fwd_fused_kernel", _NotOnThisPath())
     monkeypatch.setattr(triton_kernels, "norm_bwd_fused_kernel", _NotOnThisPath())
@@ -101,11 +104,17 @@ def test_gradcheck_float64(norm, path):
     x, weight, bias = (torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
                        for shape in ((2, 13), (13,), (13,)))
     fast = path == "looped"  # a random projection of the Jacobian: the interpreted looped path is slow
-    if norm == "rmsnorm":
-        assert torch.autograd.gradcheck(lambda x, w: triton_ops.rms_norm(x, w, 1e-5), (x, weight), fast_mode=fast)
-    else:
-        assert torch.autograd.gradcheck(lambda x, w, b: triton_ops.layer_norm(x, w, b, 1e-5), (x, weight, bias),
-                                        fast_mode=fast)
+    bias = None if norm == "rmsnorm" else bias
+    alpha = dyt_alpha(norm, x, weight)
+    alpha = None if alpha is None else alpha.requires_grad_()
+    params = [t for t in (weight, bias, alpha) if t is not None]
+
+    def fn(x, *given):
+        given = iter(given)
+        weight_, bias_, alpha_ = (None if t is None else next(given) for t in (weight, bias, alpha))
+        return triton_norm(norm, x, weight_, bias_, alpha_, 1e-5)
+
+    assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=fast)
 
 
 LAYOUTS = {
@@ -132,10 +141,11 @@ def test_non_contiguous_inputs_match_contiguous(norm, layout):
 def test_empty_batch(norm):
     x, dy = (torch.randn(0, 3, 16, device=DEVICE) for _ in range(2))
     weight, bias = make_params(norm, 16, "fp32", torch.float32, torch.Generator().manual_seed(0))
-    y, dx, dweight, dbias = forward_backward(triton_norm, norm, x, weight, bias, 1e-5, dy)
+    y, dx, dweight, dbias, dalpha = forward_backward(triton_norm, norm, x, weight, bias, 1e-5, dy)
     assert y.shape == dx.shape == x.shape
     assert torch.equal(dweight, torch.zeros_like(weight))
     assert bias is None or torch.equal(dbias, torch.zeros_like(bias))
+    assert (dalpha is None) == (norm != "dyt") and (dalpha is None or torch.equal(dalpha, torch.zeros(1)))
 
 
 def test_broadcast_output_gradient():
@@ -191,6 +201,18 @@ def test_hard_inputs(norm, case):
         assert err <= torch_err + SLACK[x.dtype], f"{name}: error {err:.2e} > torch's {torch_err:.2e}"
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1e-30])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_dyt_is_accurate_near_zero(scale, dtype):
+    """Without a bias every error is relative to max |tanh(alpha x)| ~ alpha |x|: where 1 - exp(-2|u|)
+    cancels (|u| < 0.25 takes the series), and where the series' higher terms underflow."""
+    gen = torch.Generator().manual_seed(0)
+    x = (scale * torch.randn(4, 48, generator=gen)).to(DEVICE, dtype)
+    dy = torch.randn(4, 48, generator=gen).to(DEVICE, dtype)
+    for name, err in triton_errors("dyt", x, dy, None, None, 0.0).items():
+        assert err <= TOL[dtype], f"{name}: error {err:.2e} > {TOL[dtype]:.2e}"
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_bitwise_deterministic(norm, path):
     gen = torch.Generator().manual_seed(0)
@@ -222,12 +244,19 @@ def _opcheck_args(name):
     if name == "layer_norm_backward":
         _, mean, rstd, scale = triton_ops.layer_norm_op(x, weight, bias, 1e-5)
         return triton_ops.layer_norm_backward_op, (dy, x, weight, mean, rstd, scale, True)
+    alpha = torch.full((1,), 0.7, device=DEVICE)
+    if name == "dyt":
+        return triton_ops.dyt_op, (leaf, alpha.requires_grad_(), weight.requires_grad_(), bias.requires_grad_())
+    if name == "dyt_bf16_no_affine":
+        return triton_ops.dyt_op, (leaf.detach().bfloat16().requires_grad_(), alpha.requires_grad_(), None, None)
+    if name == "dyt_backward":
+        return triton_ops.dyt_backward_op, (dy, x, alpha, weight, False)
     _, rstd, scale = triton_ops.rms_norm_op(x, None, 1e-5)
     return triton_ops.rms_norm_backward_op, (dy, x, None, rstd, scale)
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "layer_norm_no_affine", "rms_norm_bf16", "layer_norm_backward",
-                                  "rms_norm_backward"])
+                                  "rms_norm_backward", "dyt", "dyt_bf16_no_affine", "dyt_backward"])
 def test_opcheck(name):
     op, args = _opcheck_args(name)
     torch.library.opcheck(op, args)
@@ -238,7 +267,8 @@ def test_model_compiles_fullgraph():
     # inductor would need a C++ toolchain and minutes of compilation.
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), TritonLayerNorm(32), nn.GELU(), nn.Linear(32, 24), TritonRMSNorm(24))
+    model = nn.Sequential(nn.Linear(16, 32), TritonLayerNorm(32), nn.GELU(), nn.Linear(32, 24), TritonRMSNorm(24),
+                          TritonDyT(24, 0.7))
     model = model.to(DEVICE)
     x = torch.randn(4, 7, 16, device=DEVICE)
     expected = model(x)
@@ -253,9 +283,12 @@ def test_model_compiles_fullgraph():
 
 @pytest.mark.parametrize("norm,affine,bias", [("layernorm", True, True), ("layernorm", True, False),
                                               ("layernorm", False, False), ("rmsnorm", True, False),
-                                              ("rmsnorm", False, False)])
+                                              ("rmsnorm", False, False), ("dyt", True, True), ("dyt", True, False),
+                                              ("dyt", False, False)])
 def test_modules_are_drop_in_for_torch(norm, affine, bias):
-    if norm == "rmsnorm":
+    if norm == "dyt":
+        ours, theirs = TritonDyT(24, 0.7, affine=affine, bias=bias), DyT(24, 0.7, affine=affine, bias=bias)
+    elif norm == "rmsnorm":
         ours, theirs = TritonRMSNorm(24, eps=1e-6, affine=affine), nn.RMSNorm(24, eps=1e-6, elementwise_affine=affine)
     else:
         ours = TritonLayerNorm(24, eps=1e-6, affine=affine, bias=bias)
@@ -277,6 +310,9 @@ def test_registry_builds_triton_modules():
     assert isinstance(layer_norm, TritonLayerNorm) and layer_norm.eps == 1e-6 and layer_norm.bias is None
     rms_norm = build_norm("triton_rmsnorm", 16, 1e-6, False)
     assert isinstance(rms_norm, TritonRMSNorm) and rms_norm.weight is None
+    dyt = build_norm("triton_dyt", 16, affine=True, bias=False, dyt_alpha=0.25)
+    assert isinstance(dyt, TritonDyT) and dyt.bias is None and dyt.weight.shape == (16,)
+    assert torch.equal(dyt.alpha.detach(), torch.tensor([0.25]))
 
 
 def test_unavailable_reason_says_what_to_do():

@@ -1,4 +1,4 @@
-"""Whether a norm kind can run here, and if not, one line saying why and what to do.
+"""Whether the Triton norm kernels can run here, and if not, one line saying why and what to do.
 
 Importing this module never imports triton; the Triton kinds are probed on first ask.
 """
@@ -35,7 +35,3 @@ def triton_unavailable_reason(device_type: str) -> str | None:
                 f"or {_FALLBACK}")
     return f"Triton norms run on CUDA GPUs, not {device_type!r}; {_FALLBACK}"
 
-
-def norm_unavailable_reason(kind: str, device_type: str) -> str | None:
-    """Why norm `kind` cannot run on `device_type` (one line, with the fix), or None if it can."""
-    return triton_unavailable_reason(device_type) if kind.startswith("triton_") else None

@@ -1,4 +1,4 @@
-"""Triton kernels for LayerNorm and RMSNorm over the last dim: jit code only.
+"""Triton kernels for LayerNorm, RMSNorm and DyT over the last dim: jit code only.
 
 Launch logic and the torch custom ops live in `triton_ops.py`, the modules in
 `triton_norm.py`. One set of kernels serves both norms (`IS_RMS`), every input
@@ -25,6 +25,8 @@ Row statistics. Each row is described by three numbers, saved for backward:
   a power of two near max|x| - exact, so nothing is rounded - which only
   costs time on such rows.
 * Padding lanes are zeroed before every reduction.
+
+DyT (gamma * tanh(alpha * x) + beta) keeps no statistics; its kernels are at the end.
 """
 
 import triton
@@ -127,6 +129,14 @@ def _load_vector(ptr, cols, col_mask, ACC: tl.constexpr):
 
 
 @triton.jit
+def _weight_or_ones(W, cols, col_mask, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    if HAS_WEIGHT:
+        return _load_vector(W, cols, col_mask, ACC)
+    else:
+        return tl.full(cols.shape, 1.0, ACC)
+
+
+@triton.jit
 def _affine(x_hat, W, B, cols, col_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
     y = x_hat
     if HAS_WEIGHT:
@@ -217,10 +227,7 @@ def norm_bwd_fused_kernel(
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
     n = tl.cast(N, ACC)
-    if HAS_WEIGHT:
-        w = _load_vector(W, cols, col_mask, ACC)
-    else:
-        w = tl.full([BLOCK_N], 1.0, ACC)
+    w = _weight_or_ones(W, cols, col_mask, HAS_WEIGHT, ACC)
     dw = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     db = tl.zeros([BLOCK_M, BLOCK_N], ACC)
 
@@ -366,3 +373,80 @@ def norm_bwd_looped_kernel(
         dw += dy * x_hat
         db += dy
     _store_partials(DW_PARTIAL, DB_PARTIAL, pid, N, cols, col_mask, dw, db, HAS_WEIGHT, HAS_BIAS)
+
+
+# ---------------------------------------------------------------------------------------------
+# DyT: elementwise tiles of BLOCK_M rows x BLOCK_N columns, grid (row tiles, column chunks).
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh_sech2(u):
+    """(tanh(u), 1 - tanh(u)^2) to a few ulps from one exp (the interpreter has no libdevice tanh).
+    With e = exp(-2|u|): tanh = (1 - e) / (1 + e) and sech^2 = 4e / (1 + e)^2, which never cancels,
+    so the gradient stays accurate where tanh rounds to 1. Below |u| = `small`, 1 - e loses the leading
+    bits, so tanh is its odd Taylor series there (the first term left out is < 0.15 ulp)."""
+    if u.dtype == tl.float64:
+        small = 0.01
+    else:
+        small = 0.25
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    s = tl.where(a < small, a, 0.0)  # the series only where it is used: no overflow elsewhere
+    s2 = s * s
+    near = s + s * s2 * (-1.0 / 3 + s2 * (2.0 / 15 + s2 * (-17.0 / 315 + s2 * (62.0 / 2835))))
+    t = tl.where(a < small, near, (1.0 - e) / (1.0 + e))
+    return tl.where(u < 0, -t, t), 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
+def dyt_fwd_kernel(
+    X, Y, ALPHA, W, B,
+    stride_x, stride_y, M, N,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    alpha = tl.load(ALPHA).to(ACC)
+    t, _ = _tanh_sech2(_load_rows(X, rows, stride_x, cols, mask, ACC) * alpha)
+    _store_rows(Y, rows, stride_y, cols, _affine(t, W, B, cols, col_mask, HAS_WEIGHT, HAS_BIAS, ACC), mask)
+
+
+@triton.jit
+def dyt_bwd_kernel(
+    X, DY, DX, ALPHA, W, DW_PARTIAL, DB_PARTIAL, DALPHA_PARTIAL,
+    stride_x, stride_dy, stride_dx, M, N,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    """Persistent, grid (P, column chunks): program (p, c) takes row tiles p, p + P, ... of chunk c,
+    writes dx there, chunk c of row p of the [P, N] partial dweight / dbias and element (p, c) of the
+    [P, chunks] partial dalpha, all of which the host reduces in a fixed order (no atomics).
+
+    With u = alpha * x and g = dy * gamma: dx = g * alpha * sech^2(u), dalpha = sum of g * x * sech^2(u),
+    dgamma = column sums of dy * tanh(u), dbeta = column sums of dy."""
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    alpha = tl.load(ALPHA).to(ACC)
+    w = _weight_or_ones(W, cols, col_mask, HAS_WEIGHT, ACC)
+    dw = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    db = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    dalpha = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for tile in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        rows = tl.cast(tile, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        x = _load_rows(X, rows, stride_x, cols, mask, ACC)
+        dy = _load_rows(DY, rows, stride_dy, cols, mask, ACC)
+        t, sech2 = _tanh_sech2(x * alpha)
+        g_sech2 = dy * w[None, :] * sech2
+        _store_rows(DX, rows, stride_dx, cols, g_sech2 * alpha, mask)
+        dalpha += g_sech2 * x  # padding lanes: x = dy = 0
+        dw += dy * t
+        db += dy
+    _store_partials(DW_PARTIAL, DB_PARTIAL, pid, N, cols, col_mask, dw, db, HAS_WEIGHT, HAS_BIAS)
+    tl.store(DALPHA_PARTIAL + pid * tl.num_programs(1) + chunk, tl.sum(tl.sum(dalpha, axis=1), axis=0))

@@ -1,4 +1,4 @@
-"""nn.Modules over our Triton kernels: drop-in replacements for nn.LayerNorm / nn.RMSNorm.
+"""nn.Modules over our Triton kernels: drop-in replacements for nn.LayerNorm / nn.RMSNorm / DyT.
 
 Same parameter names, shapes and initialization as torch's, so state dicts load either
 way. Importing this file never needs triton: without it (or without a CUDA GPU and the
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from minilm.norms.availability import triton_unavailable_reason
+from minilm.norms.dyt import DyT
 
 try:
     from minilm.norms import triton_ops
@@ -59,3 +60,12 @@ class TritonRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+class TritonDyT(DyT):
+    """DyT (minilm/norms/dyt.py) with our fused Triton kernels: the same parameters and state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_ops is None:
+            raise _unavailable(x)
+        return triton_ops.dyt(x, self.alpha, self.weight, self.bias)

@@ -1,7 +1,7 @@
-"""Launchers and torch custom ops for the Triton norms; public `layer_norm` / `rms_norm`.
+"""Launchers and torch custom ops for the Triton norms; public `layer_norm` / `rms_norm` / `dyt`.
 
 Layers: `triton_kernels` (jit code) -> this file (shapes, launch configs, custom ops
-`minilm::layer_norm`, `minilm::rms_norm` and their backward ops, each with a fake
+`minilm::layer_norm`, `minilm::rms_norm`, `minilm::dyt` and their backward ops, each with a fake
 implementation for torch.compile, and the autograd formulas) -> `triton_norm` (modules).
 
 Numerics contract: output in the input dtype; statistics and weight-gradient sums in
@@ -86,6 +86,11 @@ def _check(x: Tensor, *params: Tensor | None) -> None:
                              f"got {tuple(p.shape)} on {p.device}")
 
 
+def _check_alpha(x: Tensor, alpha: Tensor) -> None:
+    if tuple(alpha.shape) != (1,) or alpha.device != x.device:
+        raise ValueError(f"DyT's alpha must have shape (1,) on {x.device}, got {tuple(alpha.shape)} on {alpha.device}")
+
+
 def _on_device(x: Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
@@ -136,23 +141,37 @@ def backward_plan(M: int, N: int, device: torch.device) -> BackwardPlan:
     return BackwardPlan(True, programs, 1, LOOP_BLOCK_N, LOOP_NUM_WARPS)
 
 
+def _partials(programs: int, N: int, acc: torch.dtype, device: torch.device, weight: Tensor | None,
+              has_bias: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The [programs, N] partial dweight / dbias a backward kernel writes, None for an absent parameter."""
+    return tuple(torch.empty((programs, N), dtype=acc, device=device) if wanted else None
+                 for wanted in (weight is not None, has_bias))
+
+
+def _summed(partials: tuple[Tensor | None, ...], acc: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+    """The partials' column sums: fixed-shape reductions, so deterministic (zeros for 0 programs);
+    empty tensors stand for "no such parameter"."""
+    return tuple(torch.empty(0, dtype=acc, device=device) if p is None else p.sum(0) for p in partials)
+
+
+def _backward_buffers(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, torch.dtype]:
+    """x and dy as (M, N) rows, an empty (M, N) dx, and the compute dtype."""
+    x2 = _as_rows(x)
+    return x2, _as_rows(dy), torch.empty(x2.shape, dtype=x.dtype, device=x.device), _ACC[x.dtype]
+
+
 def _backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor | None, rstd: Tensor, scale: Tensor,
               has_bias: bool, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); the weight gradients in the statistics dtype, empty when absent."""
     _check(x, weight)
-    x2, dy2 = _as_rows(x), _as_rows(dy)
+    x2, dy2, dx, acc = _backward_buffers(dy, x)
     M, N = x2.shape
-    acc = _ACC[x.dtype]
-    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
-        dw, db = (torch.zeros(N if wanted else 0, dtype=acc, device=x.device)
-                  for wanted in (weight is not None, has_bias))
-        return dx.view(x.shape), dw, db
+        return dx.view(x.shape), *_summed(_partials(0, N, acc, x.device, weight, has_bias), acc, x.device)
     weight = None if weight is None else weight.contiguous()
     mean, rstd, scale = (None if t is None else t.reshape(-1).contiguous() for t in (mean, rstd, scale))
     plan = backward_plan(M, N, x.device)
-    dw_part, db_part = (torch.empty((plan.programs, N), dtype=acc, device=x.device) if wanted else None
-                        for wanted in (weight is not None, has_bias))
+    dw_part, db_part = _partials(plan.programs, N, acc, x.device, weight, has_bias)
     flags = dict(IS_RMS=rms, HAS_WEIGHT=weight is not None, ACC=_TL[acc], BLOCK_N=plan.block_n,
                  num_warps=plan.num_warps)
     strides = (x2.stride(0), dy2.stride(0))
@@ -168,10 +187,63 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor | None,
             kernels.norm_bwd_looped_kernel[(plan.programs, triton.cdiv(N, plan.block_n))](
                 x2, dy2, dx, weight, mean, rstd, scale, mean_g, mean_gx, dw_part, db_part, *strides, dx.stride(0),
                 M, N, HAS_BIAS=has_bias, **flags)
-    # Fixed-shape reductions of the partials are deterministic; empty tensors stand for "no such parameter".
-    dw = dw_part.sum(0) if weight is not None else dx.new_empty(0, dtype=acc)
-    db = db_part.sum(0) if has_bias else dx.new_empty(0, dtype=acc)
-    return dx.view(x.shape), dw, db
+    return dx.view(x.shape), *_summed((dw_part, db_part), acc, x.device)
+
+
+def dyt_config(tiling: Tiling, M: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(rows per program, BLOCK_N, column chunks, num_warps) of a DyT kernel: rows longer than
+    LOOP_BLOCK_N are cut into chunks of that width, short ones packed as the fused norms pack them."""
+    block_m, block_n, num_warps = _fused_config(tiling, M, min(N, LOOP_BLOCK_N), device)
+    return block_m, block_n, triton.cdiv(N, block_n), num_warps
+
+
+def _dyt_forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    _check(x, weight, bias)
+    _check_alpha(x, alpha)
+    x2 = _as_rows(x)
+    M, N = x2.shape
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if M > 0:
+        block_m, block_n, chunks, num_warps = dyt_config(FORWARD, M, N, x.device)
+        with _on_device(x):
+            kernels.dyt_fwd_kernel[(triton.cdiv(M, block_m), chunks)](
+                x2, y, alpha, weight, bias, x2.stride(0), y.stride(0), M, N,
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                BLOCK_M=block_m, BLOCK_N=block_n, ACC=_TL[_ACC[x.dtype]], num_warps=num_warps)
+    return y.view(x.shape)
+
+
+def dyt_backward_programs(M: int, N: int, device: torch.device) -> int:
+    """Rows of the DyT backward's [programs, N] partial weight gradients: a few programs per SM in all."""
+    block_m, _, chunks, num_warps = dyt_config(BACKWARD, M, N, device)
+    per_chunk = triton.cdiv(_num_sms(device) * max(1, WARPS_PER_SM // num_warps), chunks)
+    return max(1, min(triton.cdiv(M, block_m), per_chunk))
+
+
+def _dyt_backward(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, has_bias: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dalpha of shape (1,), dweight, dbias); the parameter gradients in the compute dtype,
+    dweight / dbias empty when absent."""
+    _check(x, weight)
+    _check_alpha(x, alpha)
+    x2, dy2, dx, acc = _backward_buffers(dy, x)
+    M, N = x2.shape
+    if M == 0:
+        dw, db = _summed(_partials(0, N, acc, x.device, weight, has_bias), acc, x.device)
+        return dx.view(x.shape), torch.zeros(1, dtype=acc, device=x.device), dw, db
+    weight = None if weight is None else weight.contiguous()
+    block_m, block_n, chunks, num_warps = dyt_config(BACKWARD, M, N, x.device)
+    programs = dyt_backward_programs(M, N, x.device)
+    dw_part, db_part = _partials(programs, N, acc, x.device, weight, has_bias)
+    dalpha_part = torch.empty((programs, chunks), dtype=acc, device=x.device)
+    with _on_device(x):
+        kernels.dyt_bwd_kernel[(programs, chunks)](
+            x2, dy2, dx, alpha, weight, dw_part, db_part, dalpha_part, x2.stride(0), dy2.stride(0), dx.stride(0),
+            M, N, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n,
+            ACC=_TL[acc], num_warps=num_warps)
+    return dx.view(x.shape), dalpha_part.sum().reshape(1), *_summed((dw_part, db_part), acc, x.device)
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,6 +309,30 @@ def _(dy, x, weight, rstd, scale):
     return torch.empty_like(x, memory_format=torch.contiguous_format), _fake_param_grad(x, weight is not None)
 
 
+@torch.library.custom_op("minilm::dyt", mutates_args=())
+def dyt_op(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    return _dyt_forward(x, alpha, weight, bias)
+
+
+@dyt_op.register_fake
+def _(x, alpha, weight, bias):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("minilm::dyt_backward", mutates_args=())
+def dyt_backward_op(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, has_bias: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dalpha, dweight, dbias); dweight / dbias are empty when the parameter is absent."""
+    return _dyt_backward(dy, x, alpha, weight, has_bias)
+
+
+@dyt_backward_op.register_fake
+def _(dy, x, alpha, weight, has_bias):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dalpha = x.new_empty(1, dtype=_ACC[x.dtype])
+    return dx, dalpha, _fake_param_grad(x, weight is not None), _fake_param_grad(x, has_bias)
+
+
 def _param_grad(grad: Tensor, param: Tensor | None) -> Tensor | None:
     return None if param is None else grad.to(param.dtype)
 
@@ -267,8 +363,19 @@ def _rms_norm_grad(ctx, dy, *_):
     return dx, _param_grad(dw, weight), None
 
 
+def _dyt_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _dyt_grad(ctx, dy):
+    x, alpha, weight, bias = ctx.saved_tensors
+    dx, dalpha, dw, db = dyt_backward_op(dy, x, alpha, weight, bias is not None)
+    return dx, dalpha.to(alpha.dtype), _param_grad(dw, weight), _param_grad(db, bias)
+
+
 layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
 rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
+dyt_op.register_autograd(_dyt_grad, setup_context=_dyt_setup)
 
 
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
@@ -279,3 +386,9 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
 def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """RMSNorm over the last dim (like F.rms_norm); weight fp32 or x.dtype; returns x.dtype."""
     return rms_norm_op(x, weight, eps)[0]
+
+
+def dyt(x: Tensor, alpha: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """DyT over the last dim (like minilm.norms.dyt.dyt); alpha of shape (1,), parameters fp32 or
+    x.dtype; computes in fp32 (fp64 for fp64 inputs), returns x.dtype."""
+    return dyt_op(x, alpha, weight, bias)

@@ -30,6 +30,8 @@ from collections import deque
 import torch
 from torch import nn
 
+from minilm.norms import float64_norm, norm_spec
+from minilm.norms.dyt import dyt
 from minilm.rundir import PROBE_MEANS
 
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
@@ -90,25 +92,28 @@ def norm_probe_errors(norm: nn.Module, kind: str, width: int, dtype: torch.dtype
     """Relative RMS errors of `norm` on probe rows given in `dtype` under `autocast`, against the float64
     normalization of the exact rows: `norm_error/<centred|offset>/<std>` with eps = 0 (what normalizing
     should give: eps's bias counts as error) and `norm_rounding_error/...` with the norm's own eps (the
-    arithmetic alone). Its own generator: the training RNG is untouched."""
-    from minilm.norms import float64_norm
-
+    arithmetic alone). DyT normalizes nothing, so it has no `norm_error`; its `norm_rounding_error` is
+    against float64 DyT with its own alpha. Its own generator: the training RNG is untouched."""
     z = torch.randn(PROBE_ROWS, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     z = (z - z.mean(-1, keepdim=True)) / z.std(-1, correction=0, keepdim=True)
-    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    weight, bias = (None if p is None else p.double().cpu() for p in (norm.weight, getattr(norm, "bias", None)))
+    twin = norm_spec(kind).twin
+    if twin == "dyt":
+        truths = {"norm_rounding_error": lambda x: dyt(x, norm.alpha.double().cpu(), weight, bias)}
+    else:
+        def exact(x, eps):
+            y = float64_norm(twin, x, eps)[0]
+            return y if weight is None else y * weight + (0.0 if bias is None else bias)
 
-    def exact(x, eps):
-        y = float64_norm(kind.removeprefix("triton_"), x, eps)[0]
-        return y if weight is None else y * weight.double().cpu() + (0.0 if bias is None else bias.double().cpu())
-
+        truths = {"norm_error": lambda x: exact(x, 0.0), "norm_rounding_error": lambda x: exact(x, norm.eps)}
     errors = {}
     for family, mean in PROBE_MEANS.items():
         for std in PROBE_STDS:
             x = mean + std * z
             with autocast:
                 y = norm(x.to(device, dtype)).double().cpu()
-            for name, eps in (("norm_error", 0.0), ("norm_rounding_error", norm.eps)):
-                truth = exact(x, eps)
+            for name, exact_of in truths.items():
+                truth = exact_of(x)
                 errors[f"{name}/{family}/{std:.0e}"] = (y - truth).norm() / truth.norm()
     return errors
 
@@ -156,10 +161,10 @@ class SpikeScore:
 
 
 class Diagnostics:
-    def __init__(self, model: nn.Module, precision, diag_cfg, enabled: bool = True, norm_kind: str = "layernorm"):
+    def __init__(self, model: nn.Module, precision, diag_cfg, enabled: bool = True):
         self.model, self.precision = model, precision
         self.interval = diag_cfg.interval if enabled else 0
-        self.norm_kind, self.norm_probe = norm_kind, diag_cfg.norm_probe
+        self.norm_probe = diag_cfg.norm_probe
         self.groups: dict[str, list[nn.Parameter]] = {}
         for name, p in model.named_parameters():  # tied weights appear once
             self.groups.setdefault(param_group(name), []).append(p)
@@ -252,8 +257,8 @@ class Diagnostics:
                       "amp/overflow_activations": torch.stack(overflow).sum()})
         if self.norm_probe:
             dtype = self.precision.autocast_dtype or torch.float32
-            errors = norm_probe_errors(self.model.blocks[0].norm_attn, self.norm_kind, self.model.cfg.d_model, dtype,
-                                       self.precision.autocast(), x.device)
+            errors = norm_probe_errors(self.model.blocks[0].norm_attn, str(self.model.norm_cfg.kind),
+                                       self.model.cfg.d_model, dtype, self.precision.autocast(), x.device)
             stats.update({f"diag/{name}": error for name, error in errors.items()})
         self.record(step, stats)
 

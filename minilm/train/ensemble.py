@@ -44,6 +44,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from minilm.data import prepare_data
 from minilm.model import lm_loss
+from minilm.norms import norm_spec
 from minilm.rundir import flatten
 from minilm.seeding import rng_state, set_rng_state, torch_rng_state
 from minilm.train.build import compile_mode
@@ -63,7 +64,7 @@ def unbatchable_reason(cfg) -> str | None:
     """Why a run cannot train as an ensemble member (it then runs alone), or None."""
     if cfg.model.dropout > 0:
         return f"model.dropout={cfg.model.dropout} (vmap would draw other dropout masks than the run alone)"
-    if str(cfg.norm.kind).startswith("triton"):
+    if norm_spec(str(cfg.norm.kind)).triton:
         return f"norm={cfg.norm.kind} (custom kernels have no batching rule)"
     if str(cfg.precision.name) not in BATCHED_PRECISIONS:
         return f"precision={cfg.precision.name}"

@@ -105,8 +105,7 @@ class Trainer:
         self.val_batches = eval_batches(self.data.val, cfg.model.block_size, cfg.train.batch_size,
                                         cfg.train.eval_batches)
         self.train_model = self._wrap_model()
-        self.diagnostics = Diagnostics(self.model, self.precision, cfg.diagnostics, enabled=self.is_main,
-                                       norm_kind=str(cfg.norm.kind))
+        self.diagnostics = Diagnostics(self.model, self.precision, cfg.diagnostics, enabled=self.is_main)
         self.numerics = (NumericsCollector(self.model, self.precision.name)
                          if cfg.diagnostics.numerics and self.diagnostics.interval else None)
         self.forensics = Forensics(self.model, self.optimizer, self.precision, cfg, self.run_dir, self.device,

@@ -1,4 +1,4 @@
-"""Our Triton LayerNorm / RMSNorm against torch eager, torch.compile and Liger-Kernel: bandwidth.
+"""Our Triton LayerNorm / RMSNorm / DyT against torch eager, torch.compile and Liger-Kernel: bandwidth.
 
     python scripts/bench/bench_norms.py --json OUT/bench_norms.json          # CUDA GPU: the grid below
     python scripts/bench/bench_norms.py --norms rmsnorm --modes fwd          # a slice
@@ -6,7 +6,9 @@
 
 Grid: LayerNorm and RMSNorm, hidden N in {128, 768, 1024, 4096, 8192}, bf16 and fp32 (fp32 is what
 the block norms receive under bf16 autocast: the residual stream stays fp32), each x 64 MiB (rows
-= 64 MiB / row bytes), modes fwd, bwd and fwd+bwd, weight and bias in x's dtype.
+= 64 MiB / row bytes), modes fwd, bwd and fwd+bwd, weight and bias in x's dtype. DyT (alpha 0.5,
+its gradient included in the backward) at the same N in bf16 only, where the goals are judged:
+the GPU check's time budget has no room for its fp32 row.
 
 Timing. Python dispatch of one custom-op call costs tens of microseconds, as long as the kernel
 itself at a few thousand rows, so kernels are timed without it: CALLS calls are captured in one
@@ -47,7 +49,8 @@ from pathlib import Path
 import torch  # torch does not import triton: TRITON_INTERPRET still works when set by the caller
 import torch.nn.functional as F
 
-NORMS = ("layernorm", "rmsnorm")
+NORMS = ("layernorm", "rmsnorm", "dyt")
+ONLY_DTYPES = {"dyt": ("bfloat16",)}  # norms timed at fewer dtypes than the grid's
 IMPLS = ("triton", "eager", "compile", "liger")
 MODES = ("fwd", "bwd", "fwd+bwd")
 TENSORS_MOVED = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}  # x, y | x, dy, dx | both
@@ -88,23 +91,33 @@ def shapes(quick: bool) -> list[tuple[str, int, int]]:
     return [(d, X_BYTES // (n * getattr(torch, d).itemsize), n) for d in DTYPES for n in COLS]
 
 
+def timed(norm: str, dtype_name: str) -> bool:
+    return dtype_name in ONLY_DTYPES.get(norm, DTYPES)
+
+
 class Unavailable(Exception):
     pass
 
 
 def implementation(name: str, norm: str, device: torch.device):
-    """f(x, weight, bias) -> y for one implementation; raises Unavailable with the reason."""
+    """f(x, *params) -> y for one implementation (params as `inputs` makes them); raises Unavailable
+    with the reason."""
     from minilm.norms import triton_ops
+    from minilm.norms.dyt import dyt
 
     if name == "triton":
+        if norm == "dyt":
+            return triton_ops.dyt
         if norm == "rmsnorm":
-            return lambda x, w, b: triton_ops.rms_norm(x, w, EPS)
+            return lambda x, w: triton_ops.rms_norm(x, w, EPS)
         return lambda x, w, b: triton_ops.layer_norm(x, w, b, EPS)
 
-    def eager(x, w, b):
+    def eager(x, *params):
+        if norm == "dyt":
+            return dyt(x, *params)
         if norm == "rmsnorm":
-            return F.rms_norm(x, (x.shape[-1],), w, EPS)
-        return F.layer_norm(x, (x.shape[-1],), w, b, EPS)
+            return F.rms_norm(x, (x.shape[-1],), *params, EPS)
+        return F.layer_norm(x, (x.shape[-1],), *params, EPS)
 
     if name == "eager":
         return eager
@@ -112,10 +125,14 @@ def implementation(name: str, norm: str, device: torch.device):
         torch._dynamo.reset()  # a fresh cache per shape: never the recompile limit's eager fallback
         return torch.compile(eager, dynamic=False, backend="inductor" if device.type == "cuda" else "aot_eager")
     try:
+        if norm == "dyt":
+            from liger_kernel.ops.dyt import LigerDyTFunction
+
+            return LigerDyTFunction.apply
         if norm == "rmsnorm":
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
-            return lambda x, w, b: LigerRMSNormFunction.apply(x, w, EPS)
+            return lambda x, w: LigerRMSNormFunction.apply(x, w, EPS)
         from liger_kernel.ops.layer_norm import LigerLayerNormFunction
 
         return lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, EPS)
@@ -124,25 +141,29 @@ def implementation(name: str, norm: str, device: torch.device):
 
 
 def inputs(norm, dtype, rows, cols, device, sets):
-    """`sets` (x, dy) pairs sharing one weight (and bias for LayerNorm), all needing gradients."""
+    """(params, pairs): the parameters every call shares, in the order the norm takes them (weight; weight,
+    bias; DyT: alpha, weight, bias), and `sets` (x, dy) pairs; all but dy need gradients."""
     gen = torch.Generator(device=device).manual_seed(0)
     weight = (1 + 0.1 * torch.randn(cols, device=device, dtype=dtype, generator=gen)).requires_grad_()
-    bias = (0.1 * torch.randn(cols, device=device, dtype=dtype, generator=gen)).requires_grad_() \
-        if norm == "layernorm" else None
+    params = (weight,)
+    if norm != "rmsnorm":
+        params += ((0.1 * torch.randn(cols, device=device, dtype=dtype, generator=gen)).requires_grad_(),)
+    if norm == "dyt":
+        params = (torch.full((1,), 0.5, device=device, dtype=dtype, requires_grad=True), *params)
     pairs = [(torch.randn(rows, cols, device=device, dtype=dtype, generator=gen).requires_grad_(),
               torch.randn(rows, cols, device=device, dtype=dtype, generator=gen)) for _ in range(sets)]
-    return weight, bias, pairs
+    return params, pairs
 
 
-def calls(f, mode, weight, bias, pairs) -> list:
+def calls(f, mode, params, pairs) -> list:
     """One zero-argument call per input set doing `mode`."""
     def one(x, dy):
-        leaves = [t for t in (x, weight, bias) if t is not None]
+        leaves = [x, *params]
         if mode == "fwd":
-            return lambda: f(x, weight, bias)
+            return lambda: f(x, *params)
         if mode == "fwd+bwd":
-            return lambda: torch.autograd.grad(f(x, weight, bias), leaves, dy)
-        y = f(x, weight, bias)
+            return lambda: torch.autograd.grad(f(x, *params), leaves, dy)
+        y = f(x, *params)
         return lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True)
 
     return [one(x, dy) for x, dy in pairs]
@@ -222,7 +243,7 @@ def copy_gbps(device: torch.device, numel: int, sets: int) -> float:
 def run_case(norm, impl_name, dtype, rows, cols, device, modes) -> list[dict]:
     """Times every mode of one implementation on one shape; errors become rows too."""
     sets = RING if device.type == "cuda" else 1
-    weight, bias, pairs = inputs(norm, dtype, rows, cols, device, sets)
+    params, pairs = inputs(norm, dtype, rows, cols, device, sets)
     x_bytes = pairs[0][0].nbytes
     out = []
     try:
@@ -234,7 +255,7 @@ def run_case(norm, impl_name, dtype, rows, cols, device, modes) -> list[dict]:
         try:
             if f is None:
                 raise Unavailable(unavailable)
-            fns = calls(f, mode, weight, bias, pairs)
+            fns = calls(f, mode, params, pairs)
             fns[0]()  # compile (or load from the caches) outside every timing
             sync(device)
             row["dispatch_us"] = dispatch_us(fns, device)
@@ -251,10 +272,12 @@ def run_case(norm, impl_name, dtype, rows, cols, device, modes) -> list[dict]:
         except Exception as error:  # noqa: BLE001 -- one failing implementation must not stop the run
             row["error"] = (str(error).splitlines() or [type(error).__name__])[0][:200]
         if impl_name == "triton" and mode != "fwd" and device.type == "cuda" and "error" not in row:
-            from minilm.norms.triton_ops import backward_plan
+            from minilm.norms.triton_ops import backward_plan, dyt_backward_programs
 
-            buffers = 2 if bias is not None else 1  # one [programs, N] fp32 partial per parameter
-            row["partials_bytes"] = 2 * buffers * backward_plan(rows, cols, device).programs * cols * 4
+            programs = dyt_backward_programs(rows, cols, device) if norm == "dyt" else \
+                backward_plan(rows, cols, device).programs
+            buffers = len(params) - (norm == "dyt")  # one [programs, N] fp32 partial per weight / bias
+            row["partials_bytes"] = 2 * buffers * programs * cols * 4
         out.append(row)
     dtype_name = str(dtype).removeprefix("torch.")
     return [dict(norm=norm, impl=impl_name, dtype=dtype_name, rows=rows, cols=cols, **r) for r in out]
@@ -263,10 +286,10 @@ def run_case(norm, impl_name, dtype, rows, cols, device, modes) -> list[dict]:
 def warm_unit(norm: str, dtype_name: str, rows: int, cols: int, impls: list[str]) -> None:
     """Compile every implementation's forward and backward at one shape (fills the disk caches)."""
     device = torch.device("cuda")
-    weight, bias, pairs = inputs(norm, getattr(torch, dtype_name), rows, cols, device, 1)
+    params, pairs = inputs(norm, getattr(torch, dtype_name), rows, cols, device, 1)
     for impl in impls:
         with contextlib.suppress(Exception):  # a failing implementation: the timing run reports it
-            calls(implementation(impl, norm, device), "fwd+bwd", weight, bias, pairs)[0]()
+            calls(implementation(impl, norm, device), "fwd+bwd", params, pairs)[0]()
     sync(device)
 
 
@@ -275,7 +298,7 @@ def warm_caches(grid, norms, impls, jobs: int) -> float:
     start = time.perf_counter()
     os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # inherited by the workers: jobs processes, not jobs x cores
     spawn = multiprocessing.get_context("spawn")
-    units = [(norm, *shape) for shape in grid for norm in norms]
+    units = [(norm, *shape) for shape in grid for norm in norms if timed(norm, shape[0])]
     try:
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
             list(pool.map(warm_unit, *zip(*units), [impls] * len(units)))
@@ -399,7 +422,7 @@ def main():
     print(f"{data['device']}: copy {copy_at_x:.0f} GB/s at x's size, {copy_large:.0f} GB/s at 1 GiB; "
           f"caches warmed in {warm_s:.0f} s; {timer}", flush=True)
     for dtype_name, rows, cols in grid:
-        for norm in norms:
+        for norm in (n for n in norms if timed(n, dtype_name)):
             for impl in impls:
                 start = time.perf_counter()
                 new = run_case(norm, impl, getattr(torch, dtype_name), rows, cols, device, modes)

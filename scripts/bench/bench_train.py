@@ -3,6 +3,7 @@
     python scripts/bench/bench_train.py                          # default config
     python scripts/bench/bench_train.py model=small precision=bf16 train.compile=true --steps 50
     python scripts/bench/bench_train.py model=small precision=bf16 --diagnostics-cost   # diagnostics on vs off
+    python scripts/bench/bench_train.py --versus norm=dyt        # another config's step time over this one's
 
 Runs the real Trainer (each step exactly as Trainer.fit runs it: logging, diagnostics, forensics, evaluation
 and checkpoints at their intervals) and a bare loop over the same model, optimizer, precision, batches and
@@ -11,7 +12,8 @@ flush window each), so that load from elsewhere on the machine falls on both ali
 measurements keep the best of each. Prints tokens/s, step time, the framework's overhead over the bare loop,
 and on CUDA the peak memory and MFU. With --diagnostics-cost a second Trainer with diagnostics=off takes
 its turn in every round: the diagnostics' cost is on / off - 1, and the framework's overhead without them
-is off / bare - 1. With train.compile=true it counts
+is off / bare - 1; --versus OVERRIDES does the same for any overrides on top (`versus_over_base`: its
+step time over the first config's, both timed in the same rounds). With train.compile=true it counts
 Dynamo's graph breaks and recompiles during the first Trainer run (the steps a user's run takes),
 and reports how long the first step took (mostly compilation).
 
@@ -149,8 +151,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed steps")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation, caches)")
     parser.add_argument("--repeats", type=int, default=3, help="framework / bare-loop pairs; the best of each is kept")
-    parser.add_argument("--diagnostics-cost", action="store_true",
-                        help="also time the Trainer with diagnostics=off in every repeat")
+    compared = parser.add_mutually_exclusive_group()
+    compared.add_argument("--diagnostics-cost", action="store_true",
+                          help="also time the Trainer with diagnostics=off in every repeat")
+    compared.add_argument("--versus", nargs="+", metavar="OVERRIDE", default=[],
+                          help="also time a Trainer with these overrides on top in every repeat, e.g. norm=dyt")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     cap_onednn_isa_if_amx_is_broken()
@@ -160,8 +165,9 @@ def main() -> None:
     if not any(o.startswith("logger") for o in args.overrides):
         overrides.append("logger=none")
     cfg = compose(overrides)
-    cfg_off = compose([*overrides, "diagnostics=off"]) if args.diagnostics_cost else None
-    times = {"framework": [], "bare": [], "off": []}
+    versus = ["diagnostics=off"] if args.diagnostics_cost else args.versus
+    cfg_versus = compose([*overrides, *versus]) if versus else None
+    times = {"framework": [], "bare": [], "versus": []}
     # blocks of one flush window (fewer steps when --steps is smaller); the timed steps are whole blocks
     block = max(1, min(cfg.train.log_interval, args.steps))
     timed_steps = block * max(1, args.steps // block)
@@ -189,11 +195,15 @@ def main() -> None:
             "peak_memory_mb": measured["peak_memory_mb"],
             "first_step_s": measured["first_step_s"], "compile": measured["compile"],
         }
-        if times["off"]:
-            off_s = min(times["off"])
+        if times["versus"] and args.diagnostics_cost:
+            off_s = min(times["versus"])
             out["diagnostics_off_step_time_ms"] = 1000 * off_s / timed_steps
             out["diagnostics_overhead"] = framework_s / off_s - 1
             out["framework_overhead_without_diagnostics"] = off_s / bare_s - 1
+        elif times["versus"]:
+            versus_s = min(times["versus"])
+            out.update(versus=versus, versus_step_time_ms=1000 * versus_s / timed_steps,
+                       versus_over_base=versus_s / framework_s)
         if "matmul_flops" in measured:
             model_flops = flops_per_token(trainer) * out["tokens_per_s"]
             out["bf16_matmul_tflops_measured"] = measured["matmul_flops"] / 1e12
@@ -207,7 +217,7 @@ def main() -> None:
         print(f"after {stage}: {one_line(result())}", flush=True)
 
     for repeat in range(args.repeats):
-        with tempfile.TemporaryDirectory() as run_dir, tempfile.TemporaryDirectory() as off_dir:
+        with tempfile.TemporaryDirectory() as run_dir, tempfile.TemporaryDirectory() as versus_dir:
             trainer = Trainer(cfg, Path(run_dir))
             device = trainer.device
             if device.type == "cuda" and "matmul_flops" not in measured:
@@ -218,10 +228,10 @@ def main() -> None:
             if repeat == 0:
                 measured.update(first_step_s=first_step_s, compile=compile_counts() if cfg.train.compile else None)
             runners = {"framework": partial(framework_steps, trainer)}
-            if cfg_off is not None:
-                trainer_off = Trainer(cfg_off, Path(off_dir))
-                start_framework(trainer_off, args.warmup)
-                runners["off"] = partial(framework_steps, trainer_off)
+            if cfg_versus is not None:
+                trainer_versus = Trainer(cfg_versus, Path(versus_dir))
+                start_framework(trainer_versus, args.warmup)
+                runners["versus"] = partial(framework_steps, trainer_versus)
             bare = bare_loop(trainer)
             bare(args.warmup)
             runners["bare"] = bare
@@ -231,8 +241,8 @@ def main() -> None:
             measured["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 \
                 if device.type == "cuda" else None
             trainer.close()
-            if cfg_off is not None:
-                trainer_off.close()
+            if cfg_versus is not None:
+                trainer_versus.close()
         save(f"repeat {repeat + 1}")
 
     final = result()
@@ -248,6 +258,8 @@ def one_line(result: dict) -> str:
         parts.insert(1, f"MFU {100 * result['mfu']:.1f}%")
     if "diagnostics_overhead" in result:
         parts.append(f"diagnostics {100 * result['diagnostics_overhead']:+.1f}%")
+    if "versus_over_base" in result:
+        parts.append(f"{' '.join(result['versus'])}: {result['versus_over_base']:.3f}x the step time")
     if result.get("compile"):
         parts.append(f"graph breaks {result['compile']['graph_breaks']}, recompiles {result['compile']['recompiles']}, "
                      f"first step {result['first_step_s']:.0f} s")

@@ -4,9 +4,10 @@
     TRITON_INTERPRET=1 python scripts/gpu/gpu_correctness.py --dry-run       # CPU: tiny sizes, interpreted
     python scripts/gpu/gpu_correctness.py --sanitize                         # compute-sanitizer memcheck
 
-For LayerNorm and RMSNorm, fp32 / fp16 / bf16, every hidden size, forward and backward, on both
+For LayerNorm, RMSNorm and DyT, fp32 / fp16 / bf16, every hidden size, forward and backward, on both
 kernel paths ("fused": the launch heuristics as shipped, which already take the looped path above
-the fused limits; "looped": the fused limits lowered to 0, so every size runs the looped kernels):
+the fused limits; "looped": the fused limits lowered to 0, so every size runs the looped kernels).
+DyT has one path (elementwise tiles; rows longer than LOOP_BLOCK_N in column chunks), checked once:
 
 - random rows, 8192 of them (at most 2^25 elements), enough that short rows share a program and
   persistent backward programs take several tiles;
@@ -14,13 +15,13 @@ the fused limits; "looped": the fused limits lowered to 0, so every size runs th
   a large offset with a small spread (exact multiples of the ulp; x - mean is not representable
   in the naive order), 1e30 (bf16 / fp32: the squares overflow fp32), constant rows (variance 0),
   1e-30 with eps = 0 (bf16 / fp32: the squares underflow);
-- determinism: the random case computed twice must be bitwise equal.
+- determinism: the random case computed twice must be bitwise equal (DyT's dalpha included).
 
 Errors are measured and judged as in tests/test_triton_norms.py (minilm/norms/reference.py). One
 worker process per (norm, dtype), so Triton compiles in parallel. Prints one line per case and
 rewrites --json after every finished worker; exits 1 if any case failed.
 
---sanitize runs one fused and one looped forward + backward per norm (--smoke) under
+--sanitize runs one fused and one looped forward + backward per norm (DyT: its one path; --smoke) under
 compute-sanitizer's memcheck: exit 0 clean, 1 when it reports errors, 3 (skipped) when the tool is
 missing, there is no GPU, or the tool itself did not complete (some container runtimes refuse it).
 """
@@ -56,7 +57,7 @@ from minilm.norms.reference import (
 SIZES = (64, 128, 768, 1000, 1024, 4096, 5120, 8192, 16384)
 DRY_RUN_SIZES = (64, 1000)
 ROWS, DRY_RUN_ROWS = 8192, 4
-MAX_ELEMENTS = 2**25  # the float64 reference of 6 workers at once stays within a few GB each
+MAX_ELEMENTS = 2**25  # the float64 reference of 9 workers at once stays within a few GB each
 HARD_ROWS = 4
 EPS = 1e-5
 PATHS = ("fused", "looped")
@@ -77,8 +78,15 @@ def kernel_path(path: str):
         triton_ops.FORWARD, triton_ops.BACKWARD = saved
 
 
-def kernels_used(m: int, n: int) -> str:
+def paths(norm: str) -> tuple[str, ...]:
+    return ("fused",) if norm == "dyt" else PATHS
+
+
+def kernels_used(norm: str, m: int, n: int) -> str:
     """Which forward / backward kernels the current limits pick for an (m, n) input."""
+    if norm == "dyt":
+        chunks = triton_ops.dyt_config(triton_ops.FORWARD, m, n, torch.device(DEVICE))[2]
+        return f"{chunks} column chunk{'s' if chunks > 1 else ''}"
     forward = "fused" if n <= triton_ops.FORWARD.max_fused_n else "looped"
     backward = "looped" if triton_ops.backward_plan(m, n, torch.device(DEVICE)).looped else "fused"
     return f"fwd {forward}, bwd {backward}"
@@ -110,7 +118,7 @@ def judge(case: dict, errors: dict, tol: float) -> dict:
 
 def check_random(norm, dtype, m, n) -> dict:
     x, dy, weight, bias = random_inputs(norm, dtype, (m, n), "fp32")
-    case = dict(rows=m, kernels=kernels_used(m, n))
+    case = dict(rows=m, kernels=kernels_used(norm, m, n))
     first, second = (forward_backward(triton_norm, norm, x, weight, bias, EPS, dy) for _ in range(2))
     judge(case, triton_errors(norm, x, dy, weight, bias, EPS, ours=first), TOL[dtype])
     case["bitwise_deterministic"] = all(a is b is None or torch.equal(a, b) for a, b in zip(first, second))
@@ -127,7 +135,7 @@ def check_hard(norm, dtype, kind, n) -> dict | None:
     x = x.to(DEVICE)
     dy = torch.randn(x.shape, generator=gen).to(DEVICE, dtype)
     weight, bias = make_params(norm, n, "fp32", dtype, gen)
-    case = dict(rows=HARD_ROWS, eps=eps, kernels=kernels_used(HARD_ROWS, n))
+    case = dict(rows=HARD_ROWS, eps=eps, kernels=kernels_used(norm, HARD_ROWS, n))
     return judge(case, triton_errors(norm, x, dy, weight, bias, eps), TOL[dtype])
 
 
@@ -148,7 +156,7 @@ def run_unit(norm: str, dtype_name: str, sizes: tuple[int, ...], rows: int) -> l
     dtype = getattr(torch, dtype_name)
     results = []
     for n in sizes:
-        for path in PATHS:
+        for path in paths(norm):
             with kernel_path(path):
                 checks = [("random", check_random, (norm, dtype, min(rows, MAX_ELEMENTS // n), n))]
                 checks += [(kind, check_hard, (norm, dtype, kind, n)) for kind in HARD_KINDS]
@@ -167,15 +175,18 @@ def run_unit(norm: str, dtype_name: str, sizes: tuple[int, ...], rows: int) -> l
 
 
 def smoke() -> None:
-    """One fused and one looped forward + backward per norm at a small ragged shape (the sanitizer's target)."""
+    """One fused and one looped forward + backward per norm (DyT: its one path) at a small ragged shape
+    (the sanitizer's target)."""
+    calls = 0
     for norm in NORMS:
-        for path in PATHS:
+        for path in paths(norm):
             with kernel_path(path):
                 x, dy, weight, bias = random_inputs(norm, torch.bfloat16, (37, 1000), "fp32")
                 forward_backward(triton_norm, norm, x, weight, bias, EPS, dy)
+                calls += 1
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-    print(f"smoke: {len(NORMS) * len(PATHS)} forward + backward calls done")
+    print(f"smoke: {calls} forward + backward calls done")
 
 
 def sanitize() -> int:
@@ -191,7 +202,7 @@ def sanitize() -> int:
                "--smoke"]
     code = subprocess.run(command, check=False).returncode
     if code == 0:
-        print("memcheck: no errors in one fused and one looped forward + backward per norm")
+        print("memcheck: no errors in one fused and one looped forward + backward per norm (DyT: one)")
         return 0
     if code == SANITIZER_ERRORS:
         print("memcheck reported errors (above)")
@@ -204,7 +215,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help=f"sizes {DRY_RUN_SIZES}, {DRY_RUN_ROWS} rows")
     parser.add_argument("--json", type=Path, help="write every case here")
-    parser.add_argument("--jobs", type=int, default=6, help="worker processes (Triton compiles in each)")
+    parser.add_argument("--jobs", type=int, default=len(NORMS) * len(DTYPES),
+                        help="worker processes (Triton compiles in each); default one per (norm, dtype)")
     parser.add_argument("--smoke", action="store_true", help="one fused and one looped call per norm, then exit")
     parser.add_argument("--sanitize", action="store_true", help="--smoke under compute-sanitizer memcheck")
     args = parser.parse_args()

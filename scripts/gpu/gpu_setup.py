@@ -139,7 +139,7 @@ SMOKE = {
     "torchao (the fp8 precision)": "import torchao.float8",
 }
 # A comparison, not a need: when it fails, the bandwidth section skips Liger's rows and says why.
-OPTIONAL_SMOKE = {"liger-kernel": "import liger_kernel.ops.layer_norm, liger_kernel.ops.rms_norm"}
+OPTIONAL_SMOKE = {"liger-kernel": "import liger_kernel.ops.layer_norm, liger_kernel.ops.rms_norm, liger_kernel.ops.dyt"}
 
 
 def check_install(site: Path | None, require_cuda: bool) -> int:
