@@ -42,6 +42,7 @@ import torch
 from minilm.checkpoint import free_bytes
 from minilm.config import PathsConfig
 from minilm.errors import DataError
+from minilm.seeding import torch_seed
 
 CACHE_VERSION = 2
 EOS = "<|endoftext|>"
@@ -419,7 +420,7 @@ class TokenWindowSampler:
         self._order = self._permutation()
 
     def _permutation(self) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(torch_seed(self.seed * 1_000_003 + self.epoch))
         return torch.randperm(self.n_windows, generator=generator)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,15 +17,17 @@ WANDB_ENVIRONMENT_FILE = "minilm_environment.json"
 PROBE_MEANS = {"centred": 0.0, "offset": 1.0}
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl; a last line cut short by a crash is left out."""
-    rows = []
-    with open(Path(run_dir) / "metrics.jsonl") as f:
-        for line in f:
+def read_metrics(run_dir: Path, warn=None) -> list[dict]:
+    """The rows of a run's metrics.jsonl. A line that is not a JSON row (a last line cut short by a crash)
+    is left out, the others kept; `warn`, if given, is told of each one with its file and line number."""
+    path, rows = Path(run_dir) / "metrics.jsonl", []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                break
+                if warn:
+                    warn(f"{path} line {number} is not a whole JSON row (cut short?): left out, the other rows kept")
     return rows
 
 

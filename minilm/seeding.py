@@ -7,11 +7,17 @@ import numpy as np
 import torch
 
 
+def torch_seed(seed: int) -> int:
+    """A torch generator's seed for any non-negative integer: torch takes 64 bits, so the seed modulo
+    2**64 (every seed that fits keeps its stream; `seed=$(date +%s%N)` times a stride does not fit)."""
+    return seed % 2**64
+
+
 def seed_everything(seed: int) -> None:
     """One seed drives python, numpy and torch (CPU and every CUDA device)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds all CUDA devices
+    torch.manual_seed(torch_seed(seed))  # also seeds all CUDA devices
 
 
 def set_deterministic(enabled: bool) -> None:

@@ -107,7 +107,7 @@ def test_gradient_and_update_diagnostics_match_a_float64_reference(tmp_path):
     for name, p in params.items():  # the full (pre-clip) gradient: one micro-batch, fp32
         p.register_hook(lambda g, name=name: grads.__setitem__(name, g.detach().double().clone()))
     before = {name: p.detach().double().clone() for name, p in params.items()}
-    _, grad_norm = trainer.train_step()
+    _, grad_norm, _ = trainer.train_step()
     assert grad_norm > 1.0  # clipped, so the pre-clip gradient is the one to log
     got = trainer.diagnostics.collect()[1]
     groups = {}

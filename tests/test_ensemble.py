@@ -154,9 +154,9 @@ def test_each_member_logs_to_its_own_wandb_run(tmp_path, monkeypatch):
         assert len(runs) == 1 and (runs[0] / f"run-{run_id}.wandb").stat().st_size > 0
 
 
-def step_results(trainer: Trainer, result) -> tuple[float, float]:
-    loss, grad_norm = result
-    return loss.item(), grad_norm.item()
+def step_results(trainer: Trainer, result) -> tuple[float, float, float]:
+    loss, grad_norm, skipped_so_far = result
+    return loss.item(), grad_norm.item(), skipped_so_far.item()
 
 
 @pytest.mark.parametrize("optim", ["adamw", "muon"])
@@ -178,8 +178,9 @@ def test_a_nonfinite_member_is_skipped_alone(precision, optim, tmp_path):
     stacked.register_hook(lambda g: torch.cat([g[:1], torch.full_like(g[1:], math.inf)]))
     before = {name: p.detach().clone() for name, p in ensemble.params.items()}
     results = ensemble.step()
-    assert math.isfinite(step_results(trainers[0], results[0])[1])
+    assert math.isfinite(step_results(trainers[0], results[0])[1]) and step_results(trainers[0], results[0])[2] == 0
     assert not math.isfinite(step_results(trainers[1], results[1])[1])
+    assert step_results(trainers[1], results[1])[2] == 1  # counted, its own count
     for name, p in ensemble.params.items():
         assert torch.equal(p[1], before[name][1]), f"{name}: the poisoned member's step reached its weights"
     assert not torch.equal(ensemble.params["blocks.0.mlp.fc.weight"][0], before["blocks.0.mlp.fc.weight"][0])

@@ -81,6 +81,7 @@ def test_nonfinite_gradient_alone_is_bundled_except_as_fp16_overflow(precision, 
     trainer.model.blocks[0].attn.qkv.weight.register_hook(poison_second_step)
     summary = trainer.fit()
     assert not summary["diverged"] and len(losses(read_metrics(tmp_path))) == 3  # finite loss: training goes on
+    assert summary["optim/skipped_updates"] == 1  # the guard skipped it, in every precision
     if precision == "fp32":
         assert summary["forensics/step"] == 2 and (tmp_path / "forensics" / "step_000002.pt").exists()
     else:  # non-finite scaled gradients are the loss scaler's routine: skipped and counted, no bundle

@@ -163,6 +163,18 @@ def test_bad_config_value_is_one_line_before_any_work(argv, fragments, capsys, t
     assert not (tmp_path / "run").exists()  # refused before Hydra made the run dir
 
 
+@pytest.mark.parametrize("override, fragments", [
+    ("data.text_column=ü", ["'ü' (U+00FC)", "quote the value", """'data.text_column="ü"'"""]),
+    ("train.max_steps=5,", ["trailing comma", "quote the value"]),
+    ("train.max_steps=５", ["'５' (U+FF15)", "quote the value", "ASCII digits"]),
+    ("model.n_layer=2]", ["extraneous input ']'", "quote the value"]),
+])
+def test_an_override_hydra_cannot_parse_is_one_line_naming_it(override, fragments, capsys, tmp_path):
+    code, out, err = run_cli(["train.max_steps=1", override, f"hydra.run.dir={tmp_path / 'run'}"], capsys)
+    assert_one_line_error(code, out, err, [f"error: {override} is not valid override syntax", *fragments])
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_yaml_booleans_parse_as_booleans_by_design():
     assert cli.preflight(["model.qk_norm=no"]) is None

@@ -3,6 +3,7 @@ codes that tell the truth, sweeps safe to rerun, W&B by its own conventions."""
 
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -148,6 +149,9 @@ def test_divergence_stops_the_run_at_its_step_with_a_nonzero_exit(tmp_path):
     assert checkpoint.load(tmp_path / "checkpoints" / "diverged.pt")["step"] == 2
     assert train_steps(read_metrics(tmp_path)) == [1, 2]
     assert "run diverged at step 2/20" in result.stdout + result.stderr
+    console_log = next(line.split("`")[1] for line in (ROOT / "README.md").read_text().splitlines()
+                       if line.startswith("| `") and "the console log" in line)  # as the README names it
+    assert "run diverged at step 2/20" in (tmp_path / console_log).read_text()
 
 
 def test_a_spike_that_comes_back_is_counted_not_a_divergence(tmp_path):
@@ -162,13 +166,101 @@ def test_a_spike_that_comes_back_is_counted_not_a_divergence(tmp_path):
     assert summary["spikes"] == [{"step": 2, "peak": pytest.approx(line + 3), "steps_above": 2, "recovered": True}]
 
 
-def test_a_one_step_run_never_diverges_on_a_high_loss_at_init(tmp_path):
-    trainer = make_trainer(["train.max_steps=1", "train.divergence_margin=0"], tmp_path)
+def test_a_one_step_run_completes_at_the_loss_at_init_and_diverges_only_above_the_line(tmp_path):
+    summary = make_trainer(["train.max_steps=1"], tmp_path / "default").fit()
+    assert not summary["diverged"] and summary["outcome"] == "completed"  # the margin covers the loss at init
+    trainer = make_trainer(["train.max_steps=1"], tmp_path / "low")
     trainer.divergence.threshold = 0.0  # every loss is above this line
     summary = trainer.fit()
     trainer.close()
-    assert not summary["diverged"] and summary["outcome"] == "completed"
-    assert summary["spikes"][0]["recovered"] is False
+    assert summary["outcome"] == "diverged" and summary["diverged_at_step"] == 1
+    assert summary["divergence_reason"] == "its loss ended above the line" and summary["spikes"] == []
+
+
+@pytest.mark.slow
+def test_a_run_that_never_learned_ends_diverged_with_its_last_healthy_step(tmp_path):
+    """optim.lr=1e4: above the line from step 2 on, and most updates skipped; 39 steps above the line are
+    fewer than train.divergence_window's 50, but the run ends above the line, so it did not complete."""
+    rows = run_training(["optim.lr=1e4", "train.max_steps=40"], tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    line = summary["divergence_line"]
+    assert all(loss > line for loss in losses(rows)[1:])  # the reproduction: never back under the line
+    assert summary["outcome"] == "diverged" and summary["diverged"] and summary["step"] == 40
+    assert summary["diverged_at_step"] == 2 and summary["divergence_confirmed_at_step"] == 40
+    assert summary["divergence_reason"] == "its loss ended above the line"
+    skipped = [r["step"] for r in rows if "train/loss" in r and not math.isfinite(float(r["optim/grad_norm"]))]
+    assert len(skipped) > 20 and summary["optim/skipped_updates"] == len(skipped)  # fp32 counts them too
+    assert [r["optim/skipped_updates"] for r in rows if "train/loss" in r][-1] == len(skipped)
+    assert summary["last_healthy/step"] == 1
+    assert math.isfinite(float(summary["last_healthy/optim/grad_norm"])) and summary["last_healthy/train/loss"] < line
+    assert (tmp_path / "checkpoints" / "diverged.pt").exists()
+
+
+@pytest.mark.slow
+def test_last_healthy_is_a_finite_step_below_the_line(tmp_path):
+    """optim.lr=10, 30 steps: the loss goes far above the line and stays; last_healthy is not the last step."""
+    run_training(["optim.lr=10", "train.max_steps=30"], tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["outcome"] == "diverged" and summary["divergence_reason"] == "its loss ended above the line"
+    assert summary["last_healthy/step"] < summary["diverged_at_step"]
+    assert math.isfinite(float(summary["last_healthy/optim/grad_norm"]))
+    assert summary["last_healthy/train/loss"] <= summary["divergence_line"]
+
+
+@pytest.mark.parametrize("poisoned, outcome", [({2, 3, 4}, "diverged"), ({2, 4}, "completed")])
+def test_a_run_whose_updates_were_mostly_skipped_did_not_complete(poisoned, outcome, tmp_path):
+    """Non-finite gradients at the steps `poisoned` of 4: every such update is skipped (fp32: counted too);
+    more than half skipped is a divergence, even with the loss below the line; half is not."""
+    trainer = make_trainer(["train.max_steps=4"], tmp_path)
+    calls = {"n": 0}
+
+    def poison(grad):
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] in poisoned else grad
+
+    trainer.model.blocks[0].attn.qkv.weight.register_hook(poison)
+    summary = trainer.fit()
+    trainer.close()
+    assert summary["outcome"] == outcome and summary["optim/skipped_updates"] == len(poisoned)
+    assert max(losses(read_metrics(tmp_path))) < summary["divergence_line"]
+    if outcome == "diverged":
+        assert summary["diverged_at_step"] == 2 and summary["divergence_reason"] == (
+            "3 of its 4 updates were skipped (non-finite gradients)")
+        assert summary["last_healthy/step"] == 1
+    else:
+        assert not summary["diverged"] and summary["last_healthy/step"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_a_stop_signal_during_data_preparation_ends_interrupted_in_one_line(sig, tmp_path):
+    """The token cache's lock is held here, so train.py waits inside data preparation when the signal comes."""
+    import fcntl
+
+    from minilm.data import corpus_fingerprint, load_corpus
+
+    cfg = compose(with_tiny([]))
+    data_cfg, cache_dir = cfg.data, cfg.paths.cache_dir
+    fingerprint = corpus_fingerprint(load_corpus(data_cfg, cache_dir), data_cfg)
+    lock_path = Path(cache_dir) / f"{data_cfg.source}-{fingerprint[:16]}.lock"
+    command = train_command(["train.max_steps=1"], tmp_path)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            if "waiting for another process building the token cache" in line:
+                process.send_signal(sig)
+                break
+        output = "".join(seen) + process.stdout.read()
+        process.wait(timeout=120)
+    assert process.returncode == EXIT_INTERRUPTED, output[-2000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-2000:]
+    assert output.strip().splitlines()[-1].startswith(f"interrupted ({signal.Signals(sig).name}): stopped at once")
+    assert not (tmp_path / "checkpoints").exists()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)  # the same command trains
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -325,3 +417,42 @@ def test_data_parallel_ranks_agree_on_a_stop_at_flush_boundaries_only(tmp_path, 
     assert agreed_at == [5, 10]
     assert summary["outcome"] == "interrupted" and summary["step"] == 10
     assert checkpoint.load(tmp_path / "checkpoints" / checkpoint.LAST)["step"] == 10
+
+
+def test_a_kill_during_the_end_of_run_sample_resumes_without_a_second_val_row(tmp_path, monkeypatch):
+    overrides = ["train.max_steps=3", "train.sample_tokens=4", "train.eval_interval=2"]
+
+    def killed(self):
+        raise KeyboardInterrupt  # as a kill -9 there would: the final checkpoint and val row are written
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "sample", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(overrides, tmp_path)
+    assert checkpoint.load(tmp_path / "checkpoints" / checkpoint.LAST)["step"] == 3
+    rows = run_training(overrides, tmp_path)
+    val_rows = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
+    assert [step for step, _ in val_rows] == [2, 3]  # each once
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["outcome"] == "completed" and summary["val/loss"] == val_rows[-1][1] and summary["sample"]
+    assert train_steps(rows) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_finished_run_says_how_to_extend_it_and_that_command_works(tmp_path, caplog):
+    first, extended = tmp_path / "first", tmp_path / "extended"
+    base = ["optim.warmup_steps=0"]
+    rows = run_training([*base, "train.max_steps=3"], first)
+    with caplog.at_level(logging.INFO, logger="minilm"):
+        again = train(compose(with_tiny([*base, "train.max_steps=3"])), first)
+    assert again["outcome"] == "completed" and read_metrics(first) == rows  # not trained again
+    message = next(r.getMessage() for r in caplog.records if "already finished" in r.getMessage())
+    told = message.split("more steps: ")[1].split(" (N > 3, NEW_DIR a new dir)")[0].split()
+    assert told[0] == f"train.resume={first}" and told[-1] == "hydra.run.dir=NEW_DIR"
+    command = [o.replace("=N", "=5") for o in told[:-1]]  # as a user fills it in (hydra.run.dir: `extended`)
+    run_training([*base, *command], extended)
+    summary = json.loads((extended / "summary.json").read_text())
+    assert summary["outcome"] == "completed" and summary["step"] == 5
+    assert train_steps(read_metrics(extended)) == [4, 5]  # it went on from the checkpoint at step 3
+    assert json.loads((extended / "environment.json").read_text())["resumed_from"]["step"] == 3
+    assert read_metrics(first) == rows  # the finished run is untouched

@@ -155,7 +155,7 @@ def test_muon_trains_under_each_precision_and_skips_a_nonfinite_step_whole(preci
     scaler's found_inf reaches Muon too; elsewhere Precision.step's), with no host sync added."""
     trainer = make_trainer([f"precision={precision}", "optim=muon"], tmp_path)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    loss, grad_norm = trainer.train_step()
+    loss, grad_norm, _ = trainer.train_step()
     assert math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
     assert all(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
     handle = trainer.model.tok_emb.weight.register_hook(lambda g: g * float("inf"))

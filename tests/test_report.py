@@ -186,3 +186,25 @@ def test_n_counts_the_seeds_behind_each_point():
     stopped = {1: 1.0, 2: 1.0, 3: 1.0}  # a run that stopped after step 3
     assert figures.n_label(steps, [dict.fromkeys(steps, 1.0), stopped]) == "n=2→1 from step 4"
     assert figures.n_label(steps, [dict.fromkeys(steps, 1.0)]) == "n=1"
+
+
+def test_a_cut_off_metrics_file_is_read_with_a_warning_naming_its_line(tmp_path, caplog):
+    import json
+
+    import yaml
+
+    from minilm.analysis.runs import load_run_dir
+    from minilm.launch.cli import compose
+    from minilm.train.lifecycle import plain
+    from tests.helpers import with_tiny
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(plain(compose(with_tiny(["train.max_steps=3"])))))
+    rows = [{"step": s, "train/loss": 6.0 - s} for s in (1, 2, 3)] + [{"step": 3, "val/loss": 2.5}]
+    lines = [json.dumps(row) for row in rows]
+    lines[1] = lines[1][:9]  # a damaged line in the middle
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines)[:-5])  # and a last line cut short
+    with caplog.at_level("WARNING", logger="minilm"):
+        record = load_run_dir(tmp_path)
+    assert record.rows == [rows[0], rows[2]]  # the good rows kept
+    path = tmp_path / "metrics.jsonl"
+    assert [r.getMessage().split(" is not")[0] for r in caplog.records] == [f"{path} line 2", f"{path} line 4"]

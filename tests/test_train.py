@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from minilm import checkpoint
+from minilm.data import TokenWindowSampler
 from minilm.launch.cli import compose
 from minilm.optim import build_optimizer
 from minilm.precision.policy import Precision
@@ -24,7 +25,7 @@ def test_one_step_gives_finite_loss_and_updates_every_parameter(placement, norm,
     trainer = make_trainer([f"model.placement={placement}", f"norm={norm}", f"precision={precision}",
                             "optim.warmup_steps=0", "optim.lr=1e-2"], tmp_path)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    loss, grad_norm = trainer.train_step()
+    loss, grad_norm, _ = trainer.train_step()
     assert math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
     weights = torch.bfloat16 if precision.startswith("bf16_pure") else torch.float32  # no fp32 master copy
     for name, param in trainer.model.named_parameters():
@@ -97,11 +98,11 @@ def test_fp16_scaler_skips_an_injected_inf_and_recovers(tmp_path):
     scale = trainer.precision.scale()
     trainer.train_step()
     snapshot = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    _, grad_norm = trainer.train_step()  # the poisoned step
+    _, grad_norm, _ = trainer.train_step()  # the poisoned step
     assert not math.isfinite(grad_norm.item())
     assert all(torch.equal(p, snapshot[n]) for n, p in trainer.model.named_parameters()), "inf step was applied"
     assert trainer.precision.scale() == scale / 2  # backed off
-    loss, grad_norm = trainer.train_step()  # recovers
+    loss, grad_norm, _ = trainer.train_step()  # recovers
     assert math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
     assert not torch.equal(weight, snapshot["blocks.0.mlp.fc.weight"])
 
@@ -213,3 +214,18 @@ def test_deterministic_mode_follows_the_config_both_ways():
         set_deterministic(False)
     assert not torch.are_deterministic_algorithms_enabled() and not inductor_config.deterministic
     assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+
+
+@pytest.mark.parametrize("seed", [1_764_770_000_123_456_789, 2**70 + 5])  # `seed=$(date +%s%N)`, and beyond 64 bits
+def test_any_seed_the_schema_allows_trains_and_samples(seed, tmp_path):
+    trainer = make_trainer([f"seed={seed}", "train.max_steps=2", "train.sample_tokens=3",
+                            "precision=bf16_pure"], tmp_path)  # bf16_pure: its stochastic rounding is seeded too
+    summary = trainer.fit()
+    trainer.close()
+    assert summary["outcome"] == "completed" and summary["sample"].startswith("def")
+    tokens = trainer.data.train
+    small = TokenWindowSampler(tokens, 16, 4, seed % 2**64)
+    huge = TokenWindowSampler(tokens, 16, 4, seed)  # beyond torch's 64 bits: the same stream as modulo 2**64
+    assert torch.equal(small.next_batch()[0], huge.next_batch()[0])
+    assert not torch.equal(TokenWindowSampler(tokens, 16, 4, 7).next_batch()[0],
+                           TokenWindowSampler(tokens, 16, 4, 8).next_batch()[0])

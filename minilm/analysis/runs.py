@@ -9,6 +9,7 @@ A source is one of
 Every W&B API call goes through `wandb_api()`, the one seam tests replace.
 """
 
+import logging
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ import yaml
 
 from minilm.errors import SourceError
 from minilm.rundir import REVISIONS_FILE, WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, read_metrics
+
+log = logging.getLogger("minilm")
 
 
 @dataclass
@@ -57,7 +60,7 @@ def load_run_dir(path: Path) -> RunRecord:
     path = Path(path)
     if not (path / "config.yaml").exists():
         raise SourceError(f"{path} is not a run dir: it has no config.yaml")
-    rows = read_metrics(path) if (path / "metrics.jsonl").exists() else None
+    rows = read_metrics(path, warn=log.warning) if (path / "metrics.jsonl").exists() else None
     return RunRecord(str(path), _parsed(path / "config.yaml", dict, None), _json(path / "environment.json"), rows,
                      _json(path / "summary.json"), _parsed(path / REVISIONS_FILE, list, []))
 
@@ -69,7 +72,8 @@ def load_wandb_run_dir(path: Path) -> RunRecord:
     if not (files / WANDB_CONFIG_FILE).exists():
         raise SourceError(f"{path} is not a W&B run dir of this project: it has no files/{WANDB_CONFIG_FILE}")
     run_dir = path.parent.parent  # <run dir>/wandb/<this>
-    rows = read_metrics(run_dir) if path.parent.name == "wandb" and (run_dir / "metrics.jsonl").exists() else None
+    has_rows = path.parent.name == "wandb" and (run_dir / "metrics.jsonl").exists()
+    rows = read_metrics(run_dir, warn=log.warning) if has_rows else None
     summary = _json(run_dir / "summary.json") if rows is not None else _json(files / "wandb-summary.json")
     return RunRecord(str(path), _parsed(files / WANDB_CONFIG_FILE, dict, None), _json(files / WANDB_ENVIRONMENT_FILE),
                      rows, summary)

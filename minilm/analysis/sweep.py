@@ -88,7 +88,8 @@ class RunStats:
     diverged: bool
     diverged_at: int | None
     spikes: list[dict]           # crossings of the divergence line that came back (minilm/train/divergence.py)
-    above_at_end: dict | None    # a crossing still open when the run ended: neither a spike nor a divergence
+    above_at_end: dict | None    # a crossing still open where the run stopped short of max_steps (or was logged
+    #                              before judge_end, minilm/train/divergence.py): neither a spike nor a divergence
     skipped: float
     tokens_per_s: float | None
     curve: dict[int, float]

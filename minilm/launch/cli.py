@@ -24,7 +24,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -92,8 +92,25 @@ def _override_value(key: str, overrides: list[str]) -> str | None:
     return None
 
 
+def grammar_error(override: str, hydra_message: str) -> str:
+    """An override Hydra's grammar cannot parse, as one line that names it, what is wrong and the fix."""
+    key, _, value = override.partition("=")
+    quoted = f"quote the value, as '{key}=\"{value}\"' (the single quotes keep the double ones from the shell)"
+    odd = next((char for char in value if not char.isascii()), None)
+    if odd is not None:
+        return (f"{override} is not valid override syntax: {odd!r} (U+{ord(odd):04X}) cannot stand unquoted; "
+                f"{quoted}; a number takes ASCII digits only")
+    if value.endswith(","):
+        return f"{override} is not valid override syntax: a trailing comma; remove it, or {quoted}"
+    what = next((line for line in hydra_message.splitlines() if not line.startswith(("Error parsing", "See https"))),
+                "Hydra's grammar refuses it")
+    return f"{override} is not valid override syntax: {what}; {quoted}"
+
+
 def one_line(error: Exception, overrides: list[str]) -> str:
     """A Hydra / OmegaConf composition error as one line naming the key, the value and the fix."""
+    if isinstance(error, OverrideParseException):
+        return grammar_error(error.override, error.message)
     if isinstance(error, MissingConfigException) and error.options is not None:
         bad = str(error.missing_cfg_file)
         group = bad.rsplit("/", 1)[0] if "/" in bad else bad
@@ -265,13 +282,14 @@ def _hydra_main(cfg) -> float:
 def main() -> None:
     """train.py and `minilm-train`: preflight every job, run them, exit with the outcome's code."""
     cap_onednn_isa_if_amx_is_broken()  # before any bf16 matmul in this process
-    error = preflight(sys.argv[1:])
-    if error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(EXIT_INPUT_ERROR)
     try:
+        error = preflight(sys.argv[1:])
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(EXIT_INPUT_ERROR)
         _hydra_main()
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
-        print("interrupted: stopped at once (a second Ctrl-C); resume from the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as stop:  # Ctrl-C before the run, a second one, or a signal outside the steps
+        print(f"interrupted ({stop or 'SIGINT'}): stopped at once; run the same command to resume from the last "
+              f"checkpoint, or to start if none was written", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(exit_code())

@@ -22,6 +22,8 @@ not depend on which steps were skipped.
 
 import torch
 
+from minilm.seeding import torch_seed
+
 ROUNDINGS = ("nearest", "stochastic", "kahan")
 
 
@@ -53,7 +55,7 @@ class BF16AdamW(torch.optim.Optimizer):
             self.state[p] = self._initial_state(p)  # now, so memory is counted before the first step
         self.generator = None
         if rounding == "stochastic":
-            self.generator = torch.Generator(device=params[0].device).manual_seed(seed)
+            self.generator = torch.Generator(device=params[0].device).manual_seed(torch_seed(seed))
 
     def _initial_state(self, p: torch.Tensor) -> dict:
         state = {"step": torch.zeros((), dtype=torch.float32, device=p.device),

@@ -133,25 +133,28 @@ class Precision:
         self.scaler.unscale_(optimizer)
 
     def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor | None = None,
-             skip: torch.Tensor | None = None) -> None:
+             skip: torch.Tensor | None = None) -> torch.Tensor | None:
         """Apply the update unless some gradient is non-finite (`grad_norm` is their global norm;
         None: no check outside fp16, e.g. for a bare benchmark loop) or the device flag `skip` is set
-        (skip-step, minilm/optim/skip_step.py; minilm's optimizers join it to the scaler's found_inf)."""
+        (skip-step, minilm/optim/skip_step.py; minilm's optimizers join it to the scaler's found_inf).
+        Returns whether the update was skipped for a non-finite gradient, as a float device scalar (1.0:
+        skipped; no host sync), or None without a `grad_norm` (skip-step counts its own refusals).
+        fp16's scaler skips on a non-finite unscaled gradient, which makes the norm non-finite too."""
+        skipped = None if grad_norm is None else (~torch.isfinite(grad_norm)).float()
         if self.uses_scaler:
             if skip is not None:
                 optimizer.skip = skip
             self.scaler.step(optimizer)
             self.scaler.update()
-            return
-        if grad_norm is None:
+        elif grad_norm is None:
             optimizer.step()
         elif getattr(optimizer, "_step_supports_amp_scaling", False):
-            found_inf = ~torch.isfinite(grad_norm)
-            optimizer.found_inf = (found_inf if skip is None else found_inf | skip).float()
+            optimizer.found_inf = skipped if skip is None else torch.maximum(skipped, skip.float())
             optimizer.step()
             del optimizer.found_inf
-        elif torch.isfinite(grad_norm) and (skip is None or not skip):  # non-fused optimizers: one host sync
+        elif not skipped.item() and (skip is None or not skip):  # non-fused optimizers: one host sync
             optimizer.step()
+        return skipped
 
     def scale(self) -> float:
         """The current loss scale as a float (a host sync under fp16)."""

@@ -129,7 +129,7 @@ def peak_memory_mb(device: torch.device) -> float:
 class SpikeScore:
     """The fraction of steps at least `sigma` standard deviations from the mean of the `window`
     finite values before them. Non-finite values are neither scored nor windowed: divergence and
-    amp/skipped_steps count those."""
+    optim/skipped_updates count those."""
 
     def __init__(self, window: int, sigma: float):
         self.values: deque = deque(maxlen=window)

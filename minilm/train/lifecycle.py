@@ -7,7 +7,9 @@
     StepScalars   each step's loss and gradient norm on the host, one step late, without draining
                   the device queue: what divergence detection and forensics read.
     StopSignals   SIGINT / SIGTERM / SIGUSR1 ask the run to stop after its step (checkpoint,
-                  summary, W&B finished); a second SIGINT stops it at once.
+                  summary, W&B finished); a second SIGINT stops it at once, and so does any of them
+                  outside the training steps (data preparation, setup, the end of the run), where
+                  there is no step to finish: `Interrupted`, which the entry point ends with exit 75.
 """
 
 import contextlib
@@ -136,7 +138,10 @@ class RunDir:
             raise RunDirError(f"{self.path} holds a finished run with another config ({describe(changes)}); use "
                               f"another hydra.run.dir, or train.resume=none to archive it and train this one")
         log.info(f"{self.path} already finished (outcome {summary['outcome']} at step {summary['step']}); not "
-                 f"training it again (train.resume=none archives it and trains again)")
+                 f"training it again. To train it further, start a new run dir from its last checkpoint with "
+                 f"more steps: train.resume={self.path} train.max_steps=N train.allow_config_change=true "
+                 f"hydra.run.dir=NEW_DIR (N > {summary['step']}, NEW_DIR a new dir); train.resume=none archives "
+                 f"it and trains again from scratch")
         return summary
 
     def archive(self) -> Path | None:
@@ -208,18 +213,27 @@ class StepScalars:
         return step, loss, grad_norm
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal that stops the process at once; its message is the signal's name."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+
+
 class StopSignals:
-    """Install handlers (main thread only) so that a signal asks the run to stop after its current step."""
+    """Install handlers (main thread only) so that a signal asks the run to stop after its current step;
+    `at_once`: so that it raises Interrupted at once (outside the training steps)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self, at_once: bool = False):
         self.received: int | None = None
+        self.at_once = at_once
         self._previous: dict = {}
 
     def _handle(self, signum, _frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop at once
+        if self.at_once or (self.received is not None and signum == signal.SIGINT):
+            raise Interrupted(signum)  # nothing to finish, or the second Ctrl-C
         if self.received is None:
             self.received = signum
             log.warning(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint "

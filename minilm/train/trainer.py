@@ -7,9 +7,11 @@ any gradient is non-finite (see precision.py). The host fetches metrics only eve
 divergence is caught at the step it is confirmed without stalling the device.
 
 How a run ends (summary.json `outcome`, the process exit code in minilm/errors.py):
-    completed    max_steps reached; val loss and a sample at the end
+    completed    max_steps reached, the last loss below the divergence line and at most half of
+                 the updates skipped; val loss and a sample at the end
     diverged     divergence confirmed (minilm/train/divergence.py): the run stops at that step, its
-                 metrics are flushed and checkpoints/diverged.pt holds the state after that step
+                 metrics are flushed and checkpoints/diverged.pt holds the state after that step;
+                 also a run that reached max_steps above the line or with most updates skipped
     interrupted  SIGINT / SIGTERM / SIGUSR1: the step finishes, metrics are flushed, a checkpoint
                  is written; the same command resumes (data parallel: at the next flush boundary,
                  every `log_interval` steps, where the ranks agree on it)
@@ -50,7 +52,7 @@ from minilm.optim.skip_step import SpikeSkip
 from minilm.precision.bf16_pure import bytes_per_param
 from minilm.precision.policy import Precision
 from minilm.rundir import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE
-from minilm.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, torch_rng_state
+from minilm.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, torch_rng_state, torch_seed
 from minilm.train.build import build_model, compile_mode
 from minilm.train.diagnostics import Diagnostics, peak_memory_mb
 from minilm.train.divergence import DivergenceMonitor
@@ -115,7 +117,8 @@ class Trainer:
                                             cfg.train.divergence_window)
         self.scalars = StepScalars()
         self.signals = StopSignals()
-        self.step = self.skipped_steps = 0
+        self.step = self.skipped_updates = 0  # updates skipped for a non-finite gradient, as of the last flush
+        self._skipped_so_far = torch.zeros((), device=self.device)  # the same count on the device, every step
         self.last_healthy: dict = {}
         self.recent_rows: deque = deque(maxlen=cfg.train.divergence_window + cfg.train.log_interval + 1)
         self.val_loss = self.best_val_loss = None
@@ -225,9 +228,9 @@ class Trainer:
         return {
             "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.state_dict(), "sampler": self.sampler.state_dict(), "rng": rngs,
-            "skipped_steps": self.skipped_steps, "wandb_id": self.tracker.wandb_id if self.tracker else None,
+            "skipped_updates": self.skipped_updates, "wandb_id": self.tracker.wandb_id if self.tracker else None,
             "diagnostics": self.diagnostics.state_dict(), "divergence": self.divergence.state_dict(),
-            "last_healthy": self.last_healthy, "best_val_loss": self.best_val_loss,
+            "last_healthy": self.last_healthy, "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
             "spike_skip": self.spike_skip.state_dict() if self.spike_skip else None,
             "data_fingerprint": self.data.fingerprint, "config": plain(self.cfg),
         }
@@ -237,10 +240,14 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
-        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        self.step = state["step"]
+        self.skipped_updates = state.get("skipped_updates", state.get("skipped_steps", 0))  # older: fp16 only
+        self._skipped_so_far = torch.tensor(float(self.skipped_updates), device=self.device)
         self.diagnostics.load_state_dict(state["diagnostics"])
         self.divergence.load_state_dict(state["divergence"])
         self.last_healthy, self.best_val_loss = state["last_healthy"], state["best_val_loss"]
+        # the final checkpoint's val loss is logged already: a resume that only ends the run must not log it again
+        self.val_loss = state.get("val_loss")
         if self.spike_skip:
             self.spike_skip.load_state_dict(state.get("spike_skip"))
         rngs = state["rng"]
@@ -262,8 +269,9 @@ class Trainer:
     def set_lr(self, step: int) -> None:
         set_schedule(self.optimizer, step, self.optim_cfg, self.train_cfg.max_steps)
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """One optimizer step; returns (mean cross-entropy, pre-clip grad norm) as device tensors.
+    def train_step(self) -> tuple[torch.Tensor, ...] | None:
+        """One optimizer step; returns (mean cross-entropy, pre-clip grad norm, updates skipped so far) as
+        device tensors.
 
         Returns None, leaving the state as the previous step left it, when the previous step turned out to
         confirm a divergence and the run stops there (train.stop_on_divergence).
@@ -308,7 +316,7 @@ class Trainer:
                                                                     self.precision.scale_loss))
         return x, y
 
-    def finish_step(self, ce_total: torch.Tensor, z_total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def finish_step(self, ce_total: torch.Tensor, z_total: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """Once the step's gradients are in the parameters' .grad (summed losses over the micro-batches given):
         settle the previous step, then unscale, clip and update; as train_step returns."""
         cfg, in_flight = self.train_cfg, self._in_flight
@@ -330,7 +338,7 @@ class Trainer:
         if self.spike_skip:  # ranks agree: the same mean loss and the same (all-reduced) gradients
             skip = self.spike_skip.decide(mean_ce, grad_norm)
             self.diagnostics.record(step, {"optim/skipped_spikes": self.spike_skip.skipped.clone()})
-        self.precision.step(self.optimizer, grad_norm, skip)
+        self._skipped_so_far = self._skipped_so_far + self.precision.step(self.optimizer, grad_norm, skip)
         if sampled:
             self.diagnostics.observe_update(step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -340,7 +348,7 @@ class Trainer:
         if self.optim_cfg.z_loss:
             self.diagnostics.record(step, {"train/z_loss": z_total / accum})
         self._in_flight = None
-        return mean_ce, grad_norm
+        return mean_ce, grad_norm, self._skipped_so_far
 
     def _settle_previous_step(self) -> bool:
         """Read the last finished step's loss on the host: forensics and divergence look at it.
@@ -350,15 +358,24 @@ class Trainer:
             return False
         step, loss, grad_norm = settled
         self.forensics.check(step, loss, grad_norm)
-        if not self.divergence.update(step, loss):
+        if not self.divergence.update(step, loss, grad_norm):
             return False
-        monitor = self.divergence
-        self.last_healthy = next((row for row in reversed(self.recent_rows) if row["step"] < monitor.diverged_at),
-                                 self.last_healthy if self.last_healthy.get("step", 0) < monitor.diverged_at else {})
-        log.error(f"diverged at step {monitor.diverged_at}, confirmed at step {step}: train/loss={loss:.4g} "
-                  f"(non-finite, or above {monitor.threshold:.3f} for train.divergence_window="
-                  f"{monitor.window} steps)")
+        self._forget_healthy_from(self.divergence.diverged_at)
+        log.error(f"diverged at step {self.divergence.diverged_at}, confirmed at step {step}: train/loss={loss:.4g} "
+                  f"({self.divergence.reason}; the line is {self.divergence.threshold:.3f}, "
+                  f"train.divergence_window={self.divergence.window})")
         return self.train_cfg.stop_on_divergence
+
+    def _healthy(self, row: dict) -> bool:
+        return self.divergence.healthy(row["train/loss"], row["optim/grad_norm"])
+
+    def _forget_healthy_from(self, step: int) -> None:
+        """last_healthy: the last healthy step before `step`, where a divergence begins."""
+        before = [row for row in self.recent_rows if row["step"] < step and self._healthy(row)]
+        if before:
+            self.last_healthy = before[-1]
+        elif self.last_healthy.get("step", 0) >= step:  # none kept before `step`: an older one stays
+            self.last_healthy = {}
 
     def _abandon_step(self, snapshot: dict) -> None:
         """Undo a step whose update was not applied: the run stops at the previous step, as that step left it."""
@@ -384,23 +401,23 @@ class Trainer:
     def _flush(self, pending: list, first_step: int, window_start: float) -> None:
         """Fetch the pending per-step metrics in one host sync and log them."""
         self._settle_previous_step()
-        rows = torch.stack([torch.stack(pair) for pair in pending]).tolist()
+        rows = torch.stack([torch.stack(result) for result in pending]).tolist()
         diag_rows = self.diagnostics.collect()  # right after that sync: nothing left to wait for
         elapsed = time.perf_counter() - window_start
         cfg = self.train_cfg
         tokens = len(rows) * cfg.batch_size * cfg.grad_accum * self.cfg.model.block_size
         clip = cfg.grad_clip
         diverged_at = self.divergence.diverged_at
-        for i, (loss, grad_norm) in enumerate(rows):
+        for i, (loss, grad_norm, skipped) in enumerate(rows):
             step = first_step + i + 1
             metrics = {"train/loss": loss, "optim/grad_norm": grad_norm,
                        "optim/lr": lr_at(step - 1, self.optim_cfg, cfg.max_steps),
                        "optim/clipped": int(clip > 0 and math.isfinite(grad_norm) and grad_norm > clip),
                        **diag_rows.get(step, {})}
             self.diagnostics.on_logged(metrics)
-            if self.precision.uses_scaler:
-                self.skipped_steps += int(not math.isfinite(grad_norm))
-                metrics["amp/skipped_steps"] = self.skipped_steps
+            self.skipped_updates = metrics["optim/skipped_updates"] = int(skipped)
+            if self.precision.uses_scaler:  # fp16: the same count, under its earlier name
+                metrics["amp/skipped_steps"] = self.skipped_updates
             if step == 1:  # the optimizer's state exists from the first step on
                 metrics["mem/bytes_per_param"] = bytes_per_param(self.optimizer)
             if i == len(rows) - 1:
@@ -414,7 +431,7 @@ class Trainer:
                 self.tracker.log(metrics, step)
             row = {"step": step, **metrics}
             self.recent_rows.append(row)
-            if diverged_at is None or step < diverged_at:
+            if (diverged_at is None or step < diverged_at) and self._healthy(row):
                 self.last_healthy = row
 
     def _stop_requested(self, boundary: bool) -> bool:
@@ -462,7 +479,7 @@ class Trainer:
     def running(self) -> bool:
         return self.step < self._end and not self._diverged_stop()
 
-    def after_step(self, result: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+    def after_step(self, result: tuple[torch.Tensor, ...] | None) -> bool:
         """A step's bookkeeping (flush, evaluate, checkpoint, stop signals); True when the run stops here."""
         cfg = self.train_cfg
         if result is not None:
@@ -500,8 +517,14 @@ class Trainer:
         return self._finish(outcome, sample)
 
     def outcome(self) -> str:
-        """How the run ends if it ends now."""
-        return "diverged" if self._diverged_stop() else self._outcome
+        """How the run ends if it ends now; at max_steps, after the end-of-run divergence rules
+        (minilm/train/divergence.py judge_end), which a run that trained on past a divergence has met already."""
+        monitor = self.divergence
+        if self._outcome == "completed" and monitor.judge_end(self.step, self.skipped_updates):
+            self._forget_healthy_from(monitor.diverged_at)
+            log.error(f"diverged at step {monitor.diverged_at}, judged at the end of the run: {monitor.reason} "
+                      f"(the line is {monitor.threshold:.3f}); see the Divergence section of the README")
+        return "diverged" if self._diverged_stop() or monitor.at_end else self._outcome
 
     def samples_at_end(self) -> bool:
         return self.is_main and self.outcome() == "completed" and self.cfg.train.sample_tokens > 0
@@ -516,7 +539,9 @@ class Trainer:
     def _finish(self, outcome: str, sample: str | None = None) -> dict:
         summary = {"outcome": outcome, "step": self.step, "max_steps": self.cfg.train.max_steps,
                    **self.divergence.summary(self.step), "val/loss": self.val_loss,
-                   "val/best_loss": self.best_val_loss, "amp/skipped_steps": self.skipped_steps}
+                   "val/best_loss": self.best_val_loss, "optim/skipped_updates": self.skipped_updates}
+        if self.precision.uses_scaler:
+            summary["amp/skipped_steps"] = self.skipped_updates
         if outcome == "diverged":
             self.save_checkpoint("diverged.pt")
         if outcome == "interrupted":
@@ -548,7 +573,7 @@ class Trainer:
         s, cfg = self.summary, self.cfg.train
         text = f"run {s['outcome']} at step {s['step']}/{cfg.max_steps}"
         if s.get("diverged_at_step") is not None:
-            text += f" (diverged at step {s['diverged_at_step']})"
+            text += f" (diverged at step {s['diverged_at_step']}: {s.get('divergence_reason')})"
         if s.get("val/loss") is not None:
             text += f", val/loss {s['val/loss']:.4f} (best {s['val/best_loss']:.4f})"
         if s["outcome"] == "interrupted":
@@ -585,7 +610,8 @@ def samples(trainers: list[Trainer], forward) -> list[str]:
     first = trainers[0]
     prompt = first.data.encode(SAMPLE_PROMPT)
     lengths = [len(prompt) + trainer.cfg.train.sample_tokens for trainer in trainers]
-    generators = [torch.Generator(device=first.device).manual_seed(trainer.cfg.seed) for trainer in trainers]
+    generators = [torch.Generator(device=first.device).manual_seed(torch_seed(trainer.cfg.seed))
+                  for trainer in trainers]
     idx = torch.tensor([[prompt]] * len(trainers), device=first.device)
     idx = generate(forward, idx, max(lengths) - len(prompt), first.cfg.model.block_size, generators)
     # a shorter sample is the start of a longer one: each token depends only on the ones before it
@@ -598,18 +624,21 @@ def train(cfg, run_dir: Path, overrides: list[str] = (), choices: dict | None = 
     finished = RunDir(run_dir).finished_summary(cfg)
     if finished is not None:
         return finished
-    trainer = Trainer(cfg, run_dir, overrides, choices)
-    distributed = trainer.world_size > 1
-    try:
-        return trainer.fit()
-    except BaseException as error:
-        trainer.fail(error)
-        raise
-    finally:
-        trainer.close()
-        # DDP's reducer holds the process group: destroying the group while the reducer is
-        # alive makes its later destructor wait forever on gloo's threads.
-        del trainer
-        gc.collect()
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    # A stop signal during data preparation, setup or the end of the run stops at once (exit 75); during
+    # the steps, fit's own handlers stop after the step with a checkpoint.
+    with StopSignals(at_once=True):
+        trainer = Trainer(cfg, run_dir, overrides, choices)
+        distributed = trainer.world_size > 1
+        try:
+            return trainer.fit()
+        except BaseException as error:
+            trainer.fail(error)
+            raise
+        finally:
+            trainer.close()
+            # DDP's reducer holds the process group: destroying the group while the reducer is
+            # alive makes its later destructor wait forever on gloo's threads.
+            del trainer
+            gc.collect()
+            if distributed and dist.is_initialized():
+                dist.destroy_process_group()
