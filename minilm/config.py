@@ -244,6 +244,8 @@ class TrainConfig:
     resume: str = "auto"
     # resume although math-changing keys differ (recorded as a revision)
     allow_config_change: bool = False
+    # another process training in this run dir: wait for it to end instead of refusing
+    wait_for_run_dir: bool = False
     sample_tokens: int = knob(200, at_least(0))        # length of the sample generated at the end; 0 disables
     compile: bool = False                              # torch.compile the model (Triton custom ops included)
     # or aot_eager: the same graph without code generation (fast to test)

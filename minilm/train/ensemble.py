@@ -48,7 +48,7 @@ from minilm.norms import norm_spec
 from minilm.rundir import flatten
 from minilm.seeding import rng_state, set_rng_state, torch_rng_state
 from minilm.train.build import compile_mode
-from minilm.train.lifecycle import RunDir, StopSignals, plain
+from minilm.train.lifecycle import RunDir, StopSignals, plain, run_dirs_held
 from minilm.train.trainer import Trainer, samples
 
 log = logging.getLogger("minilm")
@@ -269,6 +269,11 @@ def train_ensemble(jobs: list[MemberJob], label: str = "") -> list[dict]:
     """Train `jobs` (runs an ensemble can batch: equal `ensemble_key`) as one ensemble and return their
     summaries, in order. A run that already finished in its run dir is not trained again, as with
     trainer.train; every member is closed (W&B finished, closing line) whatever happens."""
+    with run_dirs_held(jobs):
+        return _train_ensemble_locked(jobs, label)
+
+
+def _train_ensemble_locked(jobs: list[MemberJob], label: str) -> list[dict]:
     summaries: list[dict | None] = [None] * len(jobs)
     todo = []
     for i, job in enumerate(jobs):

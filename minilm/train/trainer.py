@@ -57,7 +57,7 @@ from minilm.train.build import build_model, compile_mode
 from minilm.train.diagnostics import Diagnostics, peak_memory_mb
 from minilm.train.divergence import DivergenceMonitor
 from minilm.train.forensics import Forensics
-from minilm.train.lifecycle import RunDir, StepScalars, StopSignals, check_architecture, check_resume, plain
+from minilm.train.lifecycle import RunDir, RunDirLock, StepScalars, StopSignals, check_architecture, check_resume, plain
 from minilm.train.numerics import NumericsCollector
 from minilm.train.tracking import Tracker
 
@@ -620,7 +620,13 @@ def samples(trainers: list[Trainer], forward) -> list[str]:
 
 def train(cfg, run_dir: Path, overrides: list[str] = (), choices: dict | None = None) -> dict:
     """Train one run in `run_dir` and return its summary; a run that already finished there is not
-    trained again (its summary is returned)."""
+    trained again (its summary is returned). Rank 0 holds the run dir's lock for the run's life."""
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with RunDirLock(run_dir, wait=cfg.train.wait_for_run_dir) if main_rank else nullcontext():
+        return _train_locked(cfg, run_dir, overrides, choices)
+
+
+def _train_locked(cfg, run_dir: Path, overrides: list[str], choices: dict | None) -> dict:
     finished = RunDir(run_dir).finished_summary(cfg)
     if finished is not None:
         return finished
