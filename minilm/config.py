@@ -46,6 +46,9 @@ DataSource = choices("DataSource", "pystdlib", "text", "hf")
 DecodeErrors = choices("DecodeErrors", "replace", "strict")
 LoggerBackend = choices("LoggerBackend", "wandb", "none")
 WandbMode = choices("WandbMode", "auto", "online", "offline", "disabled")
+OptimName = choices("OptimName", "adamw", "muon")
+MuonAdjustLR = choices("MuonAdjustLR", "original", "match_rms_adamw")
+MuonNsDtype = choices("MuonNsDtype", "auto", "bf16", "fp32")
 CompileMode = choices("CompileMode", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -198,11 +201,16 @@ class DataConfig:
             raise ConfigError("data=hf needs data.name: a Hub dataset name or a local dataset dir")
 
 
+MUON_ONLY = ("embed_lr_ratio", "head_lr_ratio", "scalar_lr_ratio", "muon_")  # keys (prefixes) of optim=muon
+
+
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule (configs/optim/)."""
+    """The optimizer and its learning-rate schedule (configs/optim/; minilm/optim/)."""
 
-    lr: float = knob(3e-3, positive)                   # peak learning rate
+    # adamw: AdamW for every parameter; muon: Muon for the blocks' matrices, AdamW for the rest
+    name: OptimName = OptimName.adamw
+    lr: float = knob(3e-3, positive)                   # peak learning rate (optim=muon: of the matrices)
     min_lr_ratio: float = knob(0.1, fraction())        # cosine decays to lr * min_lr_ratio at train.max_steps
     warmup_steps: int = knob(50, at_least(0))          # linear warmup from 0
     # false: AdamW's decay, weight_decay x lr_t per step (coupled to the LR); true: weight_decay x lr_t / lr,
@@ -213,8 +221,39 @@ class OptimConfig:
     beta2: float = knob(0.95, fraction(high_open=True))
     eps: float = knob(1e-8, positive)
     z_loss: float = knob(0.0, at_least(0), finite)     # coefficient of the log(Z)^2 auxiliary loss (PaLM); 0 disables
+    # optim=muon: the AdamW groups' peak LRs as multiples of optim.lr (the weight_decay, betas and eps above
+    # apply to them; weight decay on an untied head only)
+    embed_lr_ratio: float = knob(1.0, positive)        # token and position embeddings (and a tied head)
+    head_lr_ratio: float = knob(1.0, positive)         # an untied LM head
+    scalar_lr_ratio: float = knob(1.0, positive)       # norm gains, biases, scalars
+    # optim=muon: momentum rises linearly from muon_momentum_start to muon_momentum over muon_momentum_warmup
+    # steps (nanochat: 0.85 -> 0.95 over 300)
+    muon_momentum: float = knob(0.95, fraction(high_open=True))
+    muon_momentum_start: float = knob(0.85, fraction(high_open=True))
+    muon_momentum_warmup: int = knob(300, at_least(0))
+    muon_nesterov: bool = True
+    muon_ns_steps: int = knob(5, at_least(1))          # Newton-Schulz iterations
+    # the iteration's dtype (torch.optim.Muon's is always bf16); auto: the autocast dtype under precision=bf16 /
+    # fp8, else fp32 (fp16's range is too narrow for it), as nanochat
+    muon_ns_dtype: MuonNsDtype = MuonNsDtype.auto
+    # torch.optim.Muon's adjust_lr_fn: original scales a matrix's LR by sqrt(max(1, rows / cols)) (Keller
+    # Jordan); match_rms_adamw by 0.2 sqrt(max(rows, cols)), the update RMS of AdamW (Moonlight), so AdamW's
+    # LR and weight decay carry over
+    muon_adjust_lr: MuonAdjustLR = MuonAdjustLR.original
+    # skip-step (OLMo-core's rule, minilm/optim/skip_step.py): skip, on device, an update whose loss or
+    # pre-clip gradient norm is more than skip_spikes_sigma standard deviations from the mean of the last
+    # skip_spikes_window steps (counted in optim/skipped_spikes)
+    skip_spikes: bool = False
+    skip_spikes_window: int = knob(128, at_least(2))
+    skip_spikes_sigma: float = knob(6.0, positive)
 
     def cross_check(self) -> None:
+        if self.name == "adamw":
+            changed = [f.name for f in fields(self) if f.name.startswith(MUON_ONLY) and
+                       getattr(self, f.name) != default_of(f)]
+            if changed:
+                raise ConfigError(f"optim.{changed[0]}={getattr(self, changed[0])} applies to optim=muon only; "
+                                  f"add optim=muon or drop it")
         if self.independent_weight_decay and self.weight_decay >= 1:
             raise ConfigError(f"optim.weight_decay={self.weight_decay} is not valid with "
                               f"optim.independent_weight_decay=true: it is the per-step decay at the peak LR and "
@@ -378,6 +417,10 @@ def validate(cfg) -> None:
         raise ConfigError(f"norm.depth_scaling=true scales the norms at a sublayer's input, and "
                           f"model.placement={cfg.model.placement} has none there; use placement=pre or sandwich")
     parse_device(cfg.device)
+    if cfg.optim.name == "muon" and cfg.precision.name == "bf16_pure":
+        raise ConfigError("optim=muon cannot run with precision=bf16_pure: Muon would add its update to the bf16 "
+                          "weights with round-to-nearest, losing updates below half a bf16 ulp (pure bf16's "
+                          "rounding is BF16AdamW's); use precision=bf16 (fp32 weights) or optim=adamw")
 
 
 def check_ensemble_launcher(n_jobs=1, max_members=None, memory_fraction=0.8, **_) -> None:

@@ -7,8 +7,8 @@ their parameters are stacked along a leading member dimension and one forward an
 model.py) serve all members. Everything else is each member's own `Trainer`, through the same code as a
 run made alone (trainer.py: `begin_step` / `micro_batch` / `finish_step`, `start_fit` / `after_step` /
 `end_fit`): its run dir, metrics.jsonl, checkpoints, W&B run, config and environment record, data order
-(its own sampler and seed), learning-rate schedule, optimizer (a fused AdamW of its own with its own
-scalars), gradient clipping, fp16 loss scaler (its own found-inf), diagnostics, forensics and divergence
+(its own sampler and seed), learning-rate schedule, optimizer (its own AdamW, or Muon + AdamW, with its
+own scalars), gradient clipping, fp16 loss scaler (its own found-inf), diagnostics, forensics and divergence
 monitor. Each member's parameters are views into the stacked tensors, so its model, optimizer and
 checkpoint are exactly those of a solo run (a solo Trainer resumes a member's checkpoint, and
 `minilm-reproduce` repeats a member alone).

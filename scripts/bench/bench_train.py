@@ -36,7 +36,7 @@ import torch
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
 from minilm.launch.cli import compose
 from minilm.model import lm_loss
-from minilm.train.build import build_optimizer, lr_at
+from minilm.optim import build_optimizer, set_schedule
 from minilm.train.trainer import Trainer
 
 
@@ -117,8 +117,7 @@ def bare_loop(trainer: Trainer):
     def steps(n: int) -> None:
         nonlocal step
         for _ in range(n):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, trainer.cfg.optim, train_cfg.max_steps)
+            set_schedule(optimizer, step, trainer.cfg.optim, train_cfg.max_steps)
             for _ in range(train_cfg.grad_accum):
                 x, y = trainer.next_batch()
                 with precision.autocast():
