@@ -4,7 +4,10 @@ Writing: a checkpoint goes to a temporary file in the same directory, is flushed
 renamed over the old one: a rename is atomic, so a reader sees the old checkpoint or the new
 one, never a half-written file, even after SIGKILL. The checkpoint it replaces is kept as
 `previous.pt` (a hard link made before the rename), so a latest checkpoint damaged later (a
-bad copy, a failing disk) still leaves one to resume from.
+bad copy, a failing disk) still leaves one to resume from. A write that cannot succeed (too little
+free space, checked first) or that fails (a full disk, a quota, an I/O error: torch's zip writer
+reports those as a RuntimeError from inline_container.cc) is a RunDirError in one line, and the
+checkpoint it would have replaced stays as it was.
 
 Loading: `torch.load(weights_only=True)` only rebuilds tensors and plain Python containers,
 so a crafted file cannot execute code; everything minilm saves is made of those. Any file
@@ -58,11 +61,36 @@ def own_storage(state, copies: dict | None = None):
     return state
 
 
+def tensor_bytes(state) -> int:
+    """The bytes of every distinct tensor storage in `state`: what torch.save writes, less its few headers."""
+    storages = {}
+    stack = [state]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            storages[item.untyped_storage().data_ptr()] = item.untyped_storage().nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return sum(storages.values())
+
+
+def _is_write_failure(error: BaseException) -> bool:
+    return isinstance(error, OSError) or (isinstance(error, RuntimeError) and (
+        "inline_container.cc" in str(error) or "PytorchStreamWriter" in str(error)))
+
+
 def save_atomic(state: dict, path: Path, keep_previous: bool = False) -> None:
     """Write `state` to `path` atomically; with keep_previous, the file it replaces becomes previous.pt."""
     state = own_storage(state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    needed, free = tensor_bytes(state) + (1 << 20), free_bytes(path.parent)  # 1 MiB for pickle and zip headers
+    if free < needed:
+        raise RunDirError(f"not enough space to write {path}: it needs about {needed} bytes and {free} are free on "
+                          f"its disk; free some space and run the same command again to resume from the checkpoint "
+                          f"before it")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -76,16 +104,15 @@ def save_atomic(state: dict, path: Path, keep_previous: bool = False) -> None:
             os.replace(link, path.parent / PREVIOUS)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except (OSError, RuntimeError) as error:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
-        # torch.save reports a failed write (a full disk, a quota) as a RuntimeError from its zip writer
-        if getattr(error, "errno", None) in (28, 122) or "PytorchStreamWriter failed writing" in str(error):
-            raise RunDirError(f"could not write {path} ({free_bytes(path.parent)} bytes free on its disk); free "
-                              f"some space and run the same command again to resume") from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        if not _is_write_failure(error):
+            raise
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else \
+            f"write failed: {str(error).splitlines()[0]}"
+        raise RunDirError(f"could not write {path} ({reason}; {free_bytes(path.parent)} bytes free on its disk); "
+                          f"free some space and run the same command again to resume from the checkpoint before "
+                          f"it") from None
 
 
 def load(path: Path) -> dict:

@@ -34,8 +34,10 @@ def choices(name: str, *values: str) -> type[Choice]:
     return Choice(name, {value: value for value in values})
 
 
-Placement = choices("Placement", "pre", "post", "sandwich")
-Init = choices("Init", "gpt2", "xavier")
+Placement = choices("Placement", "pre", "post", "sandwich", "reordered")
+Init = choices("Init", "gpt2", "xavier", "zero_proj")
+Position = choices("Position", "learned", "rope", "none")
+MlpKind = choices("MlpKind", "gelu", "relu2", "swiglu")
 NormKind = choices("NormKind", "layernorm", "rmsnorm", "dyt", "triton_layernorm", "triton_rmsnorm", "triton_dyt")
 PrecisionName = choices("PrecisionName", "fp32", "fp16", "bf16", "bf16_pure", "fp8")
 Rounding = choices("Rounding", "nearest", "stochastic", "kahan")
@@ -44,6 +46,9 @@ DataSource = choices("DataSource", "pystdlib", "text", "hf")
 DecodeErrors = choices("DecodeErrors", "replace", "strict")
 LoggerBackend = choices("LoggerBackend", "wandb", "none")
 WandbMode = choices("WandbMode", "auto", "online", "offline", "disabled")
+OptimName = choices("OptimName", "adamw", "muon")
+MuonAdjustLR = choices("MuonAdjustLR", "original", "match_rms_adamw")
+MuonNsDtype = choices("MuonNsDtype", "auto", "bf16", "fp32")
 CompileMode = choices("CompileMode", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -101,16 +106,44 @@ class ModelConfig:
     dropout: float = knob(0.0, fraction(high_open=True))
     bias: bool = True                                  # biases in linears and LayerNorm
     tie_embeddings: bool = True                        # the LM head is the token embedding
-    # pre: x + f(norm(x)); post: norm(x + f(x)); sandwich: x + norm(f(norm(x)))
+    # pre: x + f(norm(x)); post: norm(x + f(x)); sandwich: x + norm(f(norm(x))); reordered: x + norm(f(x)) (OLMo 2)
     placement: Placement = Placement.pre
-    # gpt2: N(0, 0.02), residual projections / sqrt(2 n_layer); xavier: Xiong et al. 2020
+    # gpt2: N(0, 0.02), residual projections / sqrt(2 n_layer); xavier: Xiong et al. 2020;
+    # zero_proj: gpt2's with the attention and MLP output projections at zero
     init: Init = Init.gpt2
     qk_norm: bool = False                              # normalize each head's queries and keys (Wortsman et al. 2023)
+    # learned: a position table (GPT-2); rope: rotary queries and keys (Su et al. 2021); none: causal mask only
+    position: Position = Position.learned
+    rope_theta: float | None = knob(None, positive)    # model.position=rope: the rotary base (null: 10000)
+    # gelu (GPT-2); relu2: ReLU squared (nanochat); swiglu: SiLU-gated, hidden 2/3 mlp_ratio d_model rounded up to 16
+    mlp: MlpKind = MlpKind.gelu
+    n_kv_head: int | None = knob(None, at_least(1))    # key/value heads (grouped-query attention); null: n_head
+    logit_softcap: float | None = knob(None, positive)  # final logits cap * tanh(x / cap) in fp32; null: off
+    attn_softcap: float | None = knob(None, positive)   # attention logits capped before the softmax; null: off
+    attn_gate: bool = False                            # a sigmoid gate on each head's output (Qiu et al. 2025)
+    embed_norm: bool = False                           # a norm right after the embedding (nanochat)
+    # nanochat's small-model tricks (docs/model.md)
+    value_embeds: bool = False                         # per-layer token tables added to the values through a gate
+    x0_blend: bool = False                             # learned blend of the embedding into each block's input
+    smear: bool = False                                # mix the previous token's embedding in through a gate
+    backout: bool = False                              # subtract a learned share of the mid-depth residual
 
     def cross_check(self) -> None:
         if self.d_model % self.n_head:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "
                               f"pick d_model a multiple of n_head")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ConfigError(f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}: each "
+                              f"key/value head serves a group of query heads; pick a divisor of n_head")
+        if self.position == "rope" and (self.d_model // self.n_head) % 2:
+            raise ConfigError(f"model.position=rope rotates pairs of channels, and the head size d_model/n_head = "
+                              f"{self.d_model // self.n_head} is odd; pick an even head size")
+        if self.rope_theta is not None and self.position != "rope":
+            raise ConfigError(f"model.rope_theta={self.rope_theta} applies to model.position=rope only, not "
+                              f"model.position={self.position}; drop it or set model.position=rope")
+        if self.backout and self.n_layer < 2:
+            raise ConfigError("model.backout=true subtracts the residual after block n_layer // 2, which with "
+                              f"model.n_layer={self.n_layer} is the last block; use n_layer >= 2 or backout=false")
 
 
 @dataclass
@@ -121,6 +154,8 @@ class NormConfig:
     eps: float = knob(1e-5, positive)
     affine: bool = True                                # learnable gain (and bias, for LayerNorm / DyT with model.bias)
     dyt_alpha: float = knob(0.5, positive)             # dyt kinds: the initial alpha of gamma * tanh(alpha * x) + beta
+    # LayerNorm Scaling (Sun et al. 2025): block l's input norms scaled by 1/sqrt(l) (pre and sandwich placements)
+    depth_scaling: bool = False
 
 
 @dataclass
@@ -166,11 +201,16 @@ class DataConfig:
             raise ConfigError("data=hf needs data.name: a Hub dataset name or a local dataset dir")
 
 
+MUON_ONLY = ("embed_lr_ratio", "head_lr_ratio", "scalar_lr_ratio", "muon_")  # keys (prefixes) of optim=muon
+
+
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule (configs/optim/)."""
+    """The optimizer and its learning-rate schedule (configs/optim/; minilm/optim/)."""
 
-    lr: float = knob(3e-3, positive)                   # peak learning rate
+    # adamw: AdamW for every parameter; muon: Muon for the blocks' matrices, AdamW for the rest
+    name: OptimName = OptimName.adamw
+    lr: float = knob(3e-3, positive)                   # peak learning rate (optim=muon: of the matrices)
     min_lr_ratio: float = knob(0.1, fraction())        # cosine decays to lr * min_lr_ratio at train.max_steps
     warmup_steps: int = knob(50, at_least(0))          # linear warmup from 0
     # false: AdamW's decay, weight_decay x lr_t per step (coupled to the LR); true: weight_decay x lr_t / lr,
@@ -181,8 +221,39 @@ class OptimConfig:
     beta2: float = knob(0.95, fraction(high_open=True))
     eps: float = knob(1e-8, positive)
     z_loss: float = knob(0.0, at_least(0), finite)     # coefficient of the log(Z)^2 auxiliary loss (PaLM); 0 disables
+    # optim=muon: the AdamW groups' peak LRs as multiples of optim.lr (the weight_decay, betas and eps above
+    # apply to them; weight decay on an untied head only)
+    embed_lr_ratio: float = knob(1.0, positive)        # token and position embeddings (and a tied head)
+    head_lr_ratio: float = knob(1.0, positive)         # an untied LM head
+    scalar_lr_ratio: float = knob(1.0, positive)       # norm gains, biases, scalars
+    # optim=muon: momentum rises linearly from muon_momentum_start to muon_momentum over muon_momentum_warmup
+    # steps (nanochat: 0.85 -> 0.95 over 300)
+    muon_momentum: float = knob(0.95, fraction(high_open=True))
+    muon_momentum_start: float = knob(0.85, fraction(high_open=True))
+    muon_momentum_warmup: int = knob(300, at_least(0))
+    muon_nesterov: bool = True
+    muon_ns_steps: int = knob(5, at_least(1))          # Newton-Schulz iterations
+    # the iteration's dtype (torch.optim.Muon's is always bf16); auto: the autocast dtype under precision=bf16 /
+    # fp8, else fp32 (fp16's range is too narrow for it), as nanochat
+    muon_ns_dtype: MuonNsDtype = MuonNsDtype.auto
+    # torch.optim.Muon's adjust_lr_fn: original scales a matrix's LR by sqrt(max(1, rows / cols)) (Keller
+    # Jordan); match_rms_adamw by 0.2 sqrt(max(rows, cols)), the update RMS of AdamW (Moonlight), so AdamW's
+    # LR and weight decay carry over
+    muon_adjust_lr: MuonAdjustLR = MuonAdjustLR.original
+    # skip-step (OLMo-core's rule, minilm/optim/skip_step.py): skip, on device, an update whose loss or
+    # pre-clip gradient norm is more than skip_spikes_sigma standard deviations from the mean of the last
+    # skip_spikes_window steps (counted in optim/skipped_spikes)
+    skip_spikes: bool = False
+    skip_spikes_window: int = knob(128, at_least(2))
+    skip_spikes_sigma: float = knob(6.0, positive)
 
     def cross_check(self) -> None:
+        if self.name == "adamw":
+            changed = [f.name for f in fields(self) if f.name.startswith(MUON_ONLY) and
+                       getattr(self, f.name) != default_of(f)]
+            if changed:
+                raise ConfigError(f"optim.{changed[0]}={getattr(self, changed[0])} applies to optim=muon only; "
+                                  f"add optim=muon or drop it")
         if self.independent_weight_decay and self.weight_decay >= 1:
             raise ConfigError(f"optim.weight_decay={self.weight_decay} is not valid with "
                               f"optim.independent_weight_decay=true: it is the per-step decay at the peak LR and "
@@ -205,6 +276,8 @@ class TrainConfig:
     resume: str = "auto"
     # resume although math-changing keys differ (recorded as a revision)
     allow_config_change: bool = False
+    # another process training in this run dir: wait for it to end instead of refusing
+    wait_for_run_dir: bool = False
     sample_tokens: int = knob(200, at_least(0))        # length of the sample generated at the end; 0 disables
     compile: bool = False                              # torch.compile the model (Triton custom ops included)
     # or aot_eager: the same graph without code generation (fast to test)
@@ -340,7 +413,14 @@ def validate(cfg) -> None:
     for f in fields(Config):
         if hasattr(f.type, "cross_check"):
             OmegaConf.to_object(cfg[f.name]).cross_check()
+    if cfg.norm.depth_scaling and cfg.model.placement not in ("pre", "sandwich"):
+        raise ConfigError(f"norm.depth_scaling=true scales the norms at a sublayer's input, and "
+                          f"model.placement={cfg.model.placement} has none there; use placement=pre or sandwich")
     parse_device(cfg.device)
+    if cfg.optim.name == "muon" and cfg.precision.name == "bf16_pure":
+        raise ConfigError("optim=muon cannot run with precision=bf16_pure: Muon would add its update to the bf16 "
+                          "weights with round-to-nearest, losing updates below half a bf16 ulp (pure bf16's "
+                          "rounding is BF16AdamW's); use precision=bf16 (fp32 weights) or optim=adamw")
 
 
 def check_ensemble_launcher(n_jobs=1, max_members=None, memory_fraction=0.8, **_) -> None:

@@ -87,6 +87,17 @@ def test_members_train_as_their_runs_alone(tmp_path):
             assert all("train/z_loss" in row for row in rows if "train/loss" in row)
 
 
+@pytest.mark.slow
+def test_muon_members_train_as_their_runs_alone(tmp_path):
+    """Each member has its own Muon + AdamW, stepping the member's views into the stacked parameters."""
+    arms = [["optim=muon", "optim.lr=0.02", "seed=0"], ["optim=muon", "optim.lr=0.05", "seed=1"], ["seed=2"]]
+    arms = [[*arm, "train.max_steps=6", "train.sample_tokens=0"] for arm in arms]
+    run_ensemble(arms, tmp_path)
+    for i, arm in enumerate(arms):
+        run_alone(arm, tmp_path / f"alone{i}")
+        assert_same_run(tmp_path / f"member{i}", tmp_path / f"alone{i}")
+
+
 def test_members_draw_their_samples_as_alone(tmp_path):
     """An ensemble draws its members' end-of-run samples in one batched generation: each is what its model
     draws alone (the same weights, the same seed), at its own length, past the context (block_size 32)."""
@@ -148,13 +159,14 @@ def step_results(trainer: Trainer, result) -> tuple[float, float, float]:
     return loss.item(), grad_norm.item(), skipped_so_far.item()
 
 
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_a_nonfinite_member_is_skipped_alone(precision, tmp_path):
+def test_a_nonfinite_member_is_skipped_alone(precision, optim, tmp_path):
     """Poison one member's gradients at step 2: its update is skipped (fp16: its own scaler backs off), the
     other member steps as usual."""
     trainers, rngs = [], []
     for i in range(2):
-        trainers.append(Trainer(config([f"precision={precision}", f"seed={i}", "train.max_steps=4"]),
+        trainers.append(Trainer(config([f"precision={precision}", f"optim={optim}", f"seed={i}", "train.max_steps=4"]),
                                 tmp_path / f"m{i}"))
         rngs.append(rng_state())
     ensemble = Ensemble(trainers, rngs)

@@ -182,4 +182,7 @@ def test_path_and_preflight():
     assert "d_model=40" in fp8_unavailable_reason(tiny_config(d_model=40), "tensorwise", 8 * 16)
     assert "batch_size x model.block_size = 90" in fp8_unavailable_reason(tiny_config(), "tensorwise", 90)
     assert "recipe" in fp8_unavailable_reason(tiny_config(), "blockwise", 8 * 16)
-    assert fp8_unavailable_reason(SimpleNamespace(d_model=768), "tensorwise", 16 * 1024) is None
+    assert fp8_unavailable_reason(SimpleNamespace(d_model=768, n_head=12, n_kv_head=None), "tensorwise",
+                                  16 * 1024) is None
+    assert fp8_unavailable_reason(tiny_config(n_kv_head=1), "tensorwise", 8 * 16) is None  # 16 kv features
+    assert "= 8 key/value features" in fp8_unavailable_reason(tiny_config(n_head=4, n_kv_head=1), "tensorwise", 8 * 16)

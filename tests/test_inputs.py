@@ -1,8 +1,10 @@
 """Every bad input is refused before work starts: a non-zero exit, one `error:` line naming the key or
 path and the fix, and no traceback. The commands run in this process, as a user types them."""
 
+import errno
 import json
 import logging
+import os
 import pickle
 import shutil
 import sys
@@ -16,6 +18,7 @@ from minilm.analysis import report as report_cli
 from minilm.errors import EXIT_INPUT_ERROR
 from minilm.launch import cli, reproduce
 from minilm.launch.replay import main as replay_main
+from minilm.rundir import read_metrics
 from tests.helpers import with_tiny
 
 PLAIN = ["logger=none", "train.max_steps=1"]
@@ -78,6 +81,18 @@ BAD_CONFIG = [
     (["model.n_head=0"], ["model.n_head=0", ">= 1"]),
     (["model.block_size=0"], ["model.block_size=0", ">= 1"]),
     (["model.mlp_ratio=0"], ["model.mlp_ratio=0", ">= 1"]),
+    (["model.position=alibi"], ["model.position=alibi", "learned", "rope", "none"]),
+    (["model.mlp=geglu"], ["model.mlp=geglu", "relu2", "swiglu"]),
+    (["model.n_kv_head=3"], ["model.n_kv_head=3", "model.n_head=4", "divisor"]),
+    (["model.n_kv_head=0"], ["model.n_kv_head=0", ">= 1"]),
+    (["model.logit_softcap=0"], ["model.logit_softcap=0", "> 0"]),
+    (["model.attn_softcap=-50"], ["model.attn_softcap=-50", "> 0"]),
+    (["model.rope_theta=500"], ["model.rope_theta=500", "model.position=rope"]),
+    (["model.position=rope", "model.n_head=8", "model.d_model=40"], ["model.position=rope", "odd"]),
+    (["model.backout=true", "model.n_layer=1"], ["model.backout=true", "model.n_layer=1"]),
+    (["norm.depth_scaling=true", "model.placement=post"], ["norm.depth_scaling=true", "model.placement=post"]),
+    (["norm.depth_scaling=true", "model.placement=reordered"], ["norm.depth_scaling", "placement=reordered"]),
+    (["precision=fp8", "model.n_head=16", "model.n_kv_head=1"], ["model.n_kv_head", "8 key/value features", "16"]),
     (["norm.eps=0"], ["norm.eps=0", "> 0"]),
     (["norm.eps=-1e-5"], ["norm.eps=-1e-05", "> 0"]),
     (["norm.affine=perhaps"], ["norm.affine=perhaps", "boolean"]),
@@ -318,6 +333,19 @@ def test_run_dir_is_an_existing_file(tmp_path, capsys):
     assert_one_line_error(code, out, err, [str(tmp_path / "taken"), "existing file"])
 
 
+def test_run_dir_under_proc(capsys):
+    code, out, err = run_cli(with_tiny([*PLAIN, "hydra.run.dir=/proc/minilm-run"]), capsys)
+    assert_one_line_error(code, out, err, ["hydra.run.dir=/proc/minilm-run", "cannot be created"])
+
+
+@pytest.mark.slow
+def test_run_file_of_the_wrong_kind(tmp_path, capsys):
+    (tmp_path / "r" / "metrics.jsonl").mkdir(parents=True)
+    code, out, err = run_cli(with_tiny([*PLAIN, f"hydra.run.dir={tmp_path / 'r'}"]), capsys)
+    assert_one_line_error(code, out, err, [str(tmp_path / "r" / "metrics.jsonl"), "is a folder", "move it away"])
+    assert not (tmp_path / "r" / "config.yaml").exists()  # refused before anything was written
+
+
 @pytest.mark.slow
 def test_run_dir_too_small_for_checkpoints(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(checkpoint, "free_bytes", lambda _path: 1000)
@@ -336,6 +364,63 @@ def test_disk_full_while_checkpointing_leaves_a_summary(tmp_path, capsys, monkey
     assert_one_line_error(code, out, err, ["could not write", "last.pt", "free"])
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["outcome"] == "failed" and "could not write" in summary["error"]
+
+
+class FullDisk:
+    """A file on a disk that fills up after `room` bytes: its writes then raise ENOSPC, as the OS does."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["too little space, seen before writing", "the disk fills while torch writes"])
+def test_disk_full_at_a_later_checkpoint_is_one_line_keeps_the_last_and_resumes_bitwise(how, tmp_path, capsys,
+                                                                                       monkeypatch):
+    run = ["deterministic=true", "optim.warmup_steps=0", "train.max_steps=12", "train.ckpt_interval=4",
+           "logger=none"]
+    assert run_cli(with_tiny([*run, f"hydra.run.dir={tmp_path / 'full'}"]), capsys)[0] == 0
+    last = tmp_path / "r" / "checkpoints" / checkpoint.LAST
+    if how.startswith("too little"):
+        free = checkpoint.free_bytes
+        monkeypatch.setattr(checkpoint, "free_bytes", lambda path: 1000 if last.exists() else free(path))
+    else:
+        save = torch.save
+        monkeypatch.setattr(torch, "save", lambda state, f: save(state, FullDisk(f, 1000) if last.exists() else f))
+    code, out, err = run_cli(with_tiny([*run, f"hydra.run.dir={tmp_path / 'r'}"]), capsys)
+    assert_one_line_error(code, out, err, [str(last), "free", "run the same command again"])
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["outcome"] == "failed" and summary["step"] == 8 and str(last) in summary["error"]
+    assert checkpoint.load(last)["step"] == 4 and sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]
+    monkeypatch.undo()  # space freed: the same command resumes
+    assert run_cli(with_tiny([*run, f"hydra.run.dir={tmp_path / 'r'}"]), capsys)[0] == 0
+    rows, full = read_metrics(tmp_path / "r"), read_metrics(tmp_path / "full")
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 13))
+    assert [r["train/loss"] for r in rows if "train/loss" in r] == [r["train/loss"] for r in full if "train/loss" in r]
+
+
+def test_disk_full_while_writing_metrics_is_one_line(tmp_path):
+    from minilm.errors import RunDirError
+    from tests.helpers import make_trainer
+
+    trainer = make_trainer(["train.max_steps=3"], tmp_path)
+    metrics_file = trainer.tracker._metrics_file
+    full = FullDisk(metrics_file, 0)
+    full.close, full.closed = metrics_file.close, False
+    trainer.tracker._metrics_file = full
+    with pytest.raises(RunDirError) as error:
+        trainer.fit()
+    assert "\n" not in str(error.value) and f"could not write {tmp_path / 'metrics.jsonl'}" in str(error.value)
+    assert "No space left on device" in str(error.value) and metrics_file.closed
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -110,6 +110,38 @@ def test_resume_with_a_math_change_is_refused_in_one_line(tmp_path):
     assert (tmp_path / "config.yaml").read_text() == logged  # the logged config was not rewritten
 
 
+def forget_keys(run_dir, keys):
+    """The run dir as code from before `keys` existed wrote it: the keys absent from config.yaml and last.pt."""
+    def drop(config):
+        for key in keys:
+            group, name = key.split(".")
+            del config[group][name]
+    logged = yaml.safe_load((run_dir / "config.yaml").read_text())
+    drop(logged)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(logged))
+    path = run_dir / "checkpoints" / "last.pt"
+    state = checkpoint.load(path)
+    drop(state["config"])
+    checkpoint.save_atomic(state, path)
+
+
+@pytest.mark.slow
+def test_a_run_logged_before_a_key_existed_resumes_and_reproduces_with_its_default(tmp_path, capsys):
+    full = losses(run_training(COMMON, tmp_path / "full"))
+    interrupted_run(tmp_path / "run", COMMON)
+    forget_keys(tmp_path / "run", ["norm.dyt_alpha", "train.wait_for_run_dir"])  # a math key and a bookkeeping one
+    assert losses(run_training(COMMON, tmp_path / "run")) == full
+    assert not (tmp_path / "run" / "config_revisions.yaml").exists()
+    code = reproduce.main([str(tmp_path / "run"), "--verify", "12", "--out", str(tmp_path / "again")])
+    captured = capsys.readouterr()
+    assert code == 0 and "PASS" in captured.out, captured.out + captured.err
+    assert "norm.dyt_alpha" in captured.err  # says which keys took their defaults
+    interrupted_run(tmp_path / "changed", COMMON)
+    forget_keys(tmp_path / "changed", ["norm.dyt_alpha"])
+    with pytest.raises(ConfigError, match="norm.dyt_alpha"):  # a value other than the default is a change
+        Trainer(compose(with_tiny([*COMMON, "norm.dyt_alpha=0.7"])), tmp_path / "changed")
+
+
 @pytest.mark.slow
 def test_resume_with_another_architecture_is_refused_even_when_changes_are_allowed(tmp_path):
     interrupted_run(tmp_path, COMMON)
@@ -136,6 +168,49 @@ def test_an_allowed_change_is_recorded_and_reproduce_replays_it_bitwise(tmp_path
     code = reproduce.main([str(tmp_path / "run"), "--verify", "12", "--out", str(tmp_path / "again")])
     out = capsys.readouterr().out
     assert code == 0 and "PASS: the first 12 losses are bitwise identical" in out, out
+
+
+@pytest.mark.slow
+def test_reproduce_refuses_a_config_yaml_that_disagrees_with_the_runs_checkpoint(tmp_path, capsys):
+    interrupted_run(tmp_path / "run", COMMON)
+    logged = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    logged["optim"]["lr"], logged["train"]["log_interval"] = 0.01, 3  # edited by hand after the run
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(logged))
+    code = reproduce.main([str(tmp_path / "run"), "--verify", "2", "--out", str(tmp_path / "again")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == EXIT_INPUT_ERROR and len(errors) == 1
+    assert "config.yaml disagrees with the run's checkpoint" in errors[0] and "optim.lr (0.003" in errors[0]
+    assert "log_interval" not in errors[0]  # bookkeeping may differ: a resume may change it
+    assert not (tmp_path / "again").exists()
+
+
+def fork(tmp_path, changes=()):
+    """A run forked from another's checkpoint at step 6 (train.resume=<its run dir>), trained to the end."""
+    interrupted_run(tmp_path / "parent", COMMON)
+    summary = train(compose(with_tiny(["optim.warmup_steps=0", *COMMON, *changes,
+                                       f"train.resume={tmp_path / 'parent'}"])), tmp_path / "fork")
+    assert summary["outcome"] == "completed" and train_steps(read_metrics(tmp_path / "fork"))[0] == 7
+    return tmp_path / "fork"
+
+
+@pytest.mark.slow
+def test_reproduce_replays_a_forks_parent_first_bitwise(tmp_path, capsys):
+    forked = fork(tmp_path, ["optim.lr=0.01", "train.allow_config_change=true"])  # the fork changed the LR
+    code = reproduce.main([str(forked), "--verify", "12", "--out", str(tmp_path / "again")])
+    out = capsys.readouterr().out
+    assert code == 0 and "PASS: the first 12 losses are bitwise identical" in out, out
+    assert f"after its parent {tmp_path / 'parent'} up to step 6" in out
+    assert train_steps(read_metrics(tmp_path / "again")) == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_reproduce_refuses_a_fork_whose_parent_is_gone_naming_it(tmp_path, capsys):
+    forked = fork(tmp_path)
+    (tmp_path / "parent").rename(tmp_path / "moved")
+    code = reproduce.main([str(forked), "--out", str(tmp_path / "again")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == EXIT_INPUT_ERROR and len(errors) == 1 and "forked from" in errors[0]
+    assert f"parent run dir {tmp_path / 'parent'} is not here" in errors[0] and not (tmp_path / "again").exists()
 
 
 @pytest.mark.slow
@@ -456,3 +531,74 @@ def test_a_finished_run_says_how_to_extend_it_and_that_command_works(tmp_path, c
     assert train_steps(read_metrics(extended)) == [4, 5]  # it went on from the checkpoint at step 3
     assert json.loads((extended / "environment.json").read_text())["resumed_from"]["step"] == 3
     assert read_metrics(first) == rows  # the finished run is untouched
+
+
+# ---------------------------------------------------------------- one run per run dir
+
+
+def hold_in_another_process(run_dir):
+    """A process that holds run_dir's lock until killed; returns it once the lock is held."""
+    code = ("import sys; from minilm.train.lifecycle import RunDirLock\n"
+            "with RunDirLock(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_run_dir_held_by_another_process_is_refused_and_taken_over_once_it_died(tmp_path):
+    from minilm.errors import RunDirError
+    from minilm.train.lifecycle import RunDirLock
+
+    holder = hold_in_another_process(tmp_path)
+    with pytest.raises(RunDirError) as error, RunDirLock(tmp_path):
+        pass
+    message = str(error.value)
+    assert "\n" not in message and f"pid {holder.pid} on host {socket.gethostname()}, started " in message
+    assert "train.wait_for_run_dir=true" in message
+    holder.kill()  # kill -9: no cleanup, the lock file stays behind
+    holder.wait()
+    with RunDirLock(tmp_path), RunDirLock(tmp_path):  # a dead process's lock is free; re-entrant in one process
+        assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+
+
+def wait_for(condition, process, what, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None and time.time() < deadline, f"{what}: exit {process.poll()}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_two_train_py_in_one_run_dir_second_refused_or_waits_no_step_twice(tmp_path):
+    run_dir, log_path = tmp_path / "run", tmp_path / "waiting.log"
+    command = train_command(["train.max_steps=100000", "train.ckpt_interval=20", "seed=1"], run_dir)
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    waiting = None
+    try:
+        wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 25, first, "first")
+        second = subprocess.run(train_command(["train.max_steps=100000", "seed=2"], run_dir), capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == EXIT_INPUT_ERROR, second.stderr[-2000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: the run dir"), second.stderr[-2000:]
+        assert f"pid {first.pid} on host {socket.gethostname()}" in lines[0]
+        assert "seed=2" not in (run_dir / ".hydra" / "overrides.yaml").read_text()  # nothing written in the dir
+        with open(log_path, "w") as log_file:  # asked to wait, it takes over when the first is killed
+            waiting = subprocess.Popen([*command, "train.wait_for_run_dir=true"], stdout=log_file, stderr=log_file)
+        wait_for(lambda: "waiting for the run dir" in log_path.read_text(), waiting, "waiting")
+        assert first.poll() is None
+        first.kill()
+        first.wait()
+        killed_at = train_steps(read_metrics(run_dir))[-1]
+        # trains past the step the first one reached: resumed, and its stop signal handlers are in place
+        wait_for(lambda: train_steps(read_metrics(run_dir))[-1] > killed_at, waiting, "resume", timeout=600)
+        assert "resumed from" in log_path.read_text()
+        waiting.send_signal(signal.SIGINT)
+        assert waiting.wait(timeout=120) == EXIT_INTERRUPTED, log_path.read_text()[-2000:]
+    finally:
+        for process in (first, waiting):
+            if process is not None and process.poll() is None:
+                process.kill()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert train_steps(read_metrics(run_dir)) == list(range(1, summary["step"] + 1))  # each step exactly once

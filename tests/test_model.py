@@ -117,6 +117,39 @@ def test_qk_norm_and_sandwich_work_with_every_norm_kind(kind):
     torch.testing.assert_close(block(x), h + block.norm_mlp_out(block.mlp(block.norm_mlp(h))))
 
 
+def test_default_model_is_nanogpts_gpt2():
+    """The default knobs are nanoGPT's model.py: learned positions, pre-LayerNorm with biases, fused qkv, exact
+    GELU MLP, final LayerNorm, LM head tied to the token embedding; written out here in float64."""
+    m = model().double()
+    assert sorted(name for name, _ in m.named_parameters()) == sorted(
+        ["tok_emb.weight", "pos_emb.weight", "norm_f.weight", "norm_f.bias"]
+        + [f"blocks.{i}.{part}" for i in range(4) for part in (
+            "norm_attn.weight", "norm_attn.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+            "attn.proj.bias", "norm_mlp.weight", "norm_mlp.bias", "mlp.fc.weight", "mlp.fc.bias", "mlp.proj.weight",
+            "mlp.proj.bias")])
+    p = dict(m.named_parameters())
+    idx = torch.randint(0, 300, (2, 16))
+
+    def ln(x, name):
+        mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-5) * p[f"{name}.weight"] + p[f"{name}.bias"]
+
+    def linear(x, name):
+        return x @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+
+    x = p["tok_emb.weight"][idx] + p["pos_emb.weight"][:16]
+    for i in range(4):
+        q, k, v = linear(ln(x, f"blocks.{i}.norm_attn"), f"blocks.{i}.attn.qkv").split(64, dim=-1)
+        q, k, v = (t.view(2, 16, 4, 16).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-1, -2) / 4.0).masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
+        y = (torch.softmax(att, dim=-1) @ v).transpose(1, 2).reshape(2, 16, 64)
+        x = x + linear(y, f"blocks.{i}.attn.proj")
+        h = linear(ln(x, f"blocks.{i}.norm_mlp"), f"blocks.{i}.mlp.fc")
+        x = x + linear(0.5 * h * (1 + torch.erf(h / math.sqrt(2))), f"blocks.{i}.mlp.proj")
+    expected = ln(x, "norm_f") @ p["tok_emb.weight"].T
+    torch.testing.assert_close(m(idx), expected, rtol=1e-10, atol=1e-10)
+
+
 def test_dyt_is_gamma_tanh_alpha_x_plus_beta_with_its_configured_alpha():
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=32, block_size=16), NormConfig(kind="dyt", dyt_alpha=0.3), 64)

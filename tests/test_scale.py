@@ -38,8 +38,10 @@ def logged_steps(run_dir) -> int:
 # With CUDA, device=auto puts rank r on cuda:r (NCCL): a machine with one GPU has no cuda:1.
 @pytest.mark.skipif(torch.cuda.device_count() == 1,
                     reason="two ranks on CUDA need two GPUs (machines without CUDA run it on gloo)")
-def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(tmp_path):
-    common = ["deterministic=true", "train.max_steps=6", "train.eval_interval=3"]
+@pytest.mark.parametrize("arm", [["optim=adamw"], ["model=modern", "model.attn_softcap=30", "model.n_kv_head=1",
+                                           "optim=muon"]], ids=["gpt2_adamw", "modern_muon"])
+def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(arm, tmp_path):
+    common = ["deterministic=true", "train.max_steps=6", "train.eval_interval=3", *arm]
     single = run_training(common + ["train.batch_size=8"], tmp_path / "single")
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     # eval_batches=4 x batch 4 covers the same 16 validation windows as 2 x 8

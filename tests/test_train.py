@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from minilm import checkpoint
 from minilm.data import TokenWindowSampler
 from minilm.launch.cli import compose
+from minilm.optim import build_optimizer
 from minilm.precision.policy import Precision
-from minilm.train.trainer import build_optimizer
 from tests.helpers import losses, make_trainer, run_training
 
 PRECISIONS = ["fp32", "fp16", "bf16", "bf16_pure", "bf16_pure_nearest", "bf16_pure_kahan", "fp8", "fp8_rowwise"]
@@ -57,21 +57,32 @@ def test_deterministic_runs_are_bitwise_equal(tmp_path):
     assert third != first  # the seed really drives init and data order
 
 
+SKIP_SPIKES = ["optim.skip_spikes=true", "optim.skip_spikes_window=20", "optim.skip_spikes_sigma=1"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("precision,norm", [("fp32", "layernorm"), ("fp16", "layernorm"), ("bf16_pure", "layernorm"),
-                                            ("bf16_pure", "dyt")])
-def test_resume_equals_uninterrupted(precision, norm, tmp_path):
+@pytest.mark.parametrize("precision,arm", [("fp32", []), ("fp16", []), ("bf16_pure", []), ("bf16_pure", ["norm=dyt"]),
+                                           ("fp32", ["optim=muon"]), ("fp16", ["optim=muon"]),
+                                           ("fp32", ["optim=muon", *SKIP_SPIKES])])
+def test_resume_equals_uninterrupted(precision, arm, tmp_path):
+    skip = SKIP_SPIKES[0] in arm
+    # skip-step decides from step 20 on (OLMo-core's minimum history): split after it, at sigma 1 some skip
+    steps, split = (26, 22) if skip else (10, 6)
     common = ["deterministic=true", "optim.warmup_steps=0", "model.dropout=0.1", f"precision={precision}",
-              f"norm={norm}", "train.max_steps=10", "train.grad_accum=2"]
-    full = losses(run_training(common, tmp_path / "full"))
-    # stop after 6 steps with a checkpoint (as a preemption does), then resume in the same run dir
+              f"train.max_steps={steps}", "train.grad_accum=2", *arm]
+    full = run_training(common, tmp_path / "full")
+    # stop after `split` steps with a checkpoint (as a preemption does), then resume in the same run dir
     trainer = make_trainer(common, tmp_path / "split")
-    trainer.fit(until_step=6)
+    trainer.fit(until_step=split)
     trainer.save_checkpoint()
     trainer.close()
     rows = run_training(common + ["train.ckpt_interval=0"], tmp_path / "split")
-    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 11))
-    assert losses(rows) == full
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, steps + 1))
+    assert losses(rows) == losses(full)
+    if skip:  # steps were skipped after the split, so the resumed history decided them
+        counts = [r["optim/skipped_spikes"] for r in full if "optim/skipped_spikes" in r]
+        assert counts[-1] > counts[split - 1] and counts == [r["optim/skipped_spikes"] for r in rows
+                                                             if "optim/skipped_spikes" in r]
 
 
 def test_fp16_scaler_skips_an_injected_inf_and_recovers(tmp_path):

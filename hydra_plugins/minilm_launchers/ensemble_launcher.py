@@ -170,11 +170,12 @@ class EnsembleLauncher(Launcher):
         """Make each member's job dir through Hydra's run_job (its .hydra/ files, callbacks), then train them
         as one ensemble; each JobReturn carries its member's result, as the job alone would."""
         from minilm.train.ensemble import train_ensemble
+        from minilm.train.lifecycle import run_dirs_held
 
         returns, members, log_name = self._register(configs)
         # every member's train.log gets the ensemble's log (run_job left the last member's file handler)
         try:
-            with _log_to(members[:-1], log_name), input_errors():
+            with input_errors(), run_dirs_held(members), _log_to(members[:-1], log_name):
                 summaries = train_ensemble(members, label=f"{label} ")
         finally:
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -220,9 +221,11 @@ def _train_unit(members: list, log_name: str | None, label: str) -> list[dict]:
     """Train one unit in a worker process: an ensemble, or a run alone as the basic launcher runs it.
     Returns the summaries in order."""
     from minilm.train.ensemble import train_ensemble
+    from minilm.train.lifecycle import run_dirs_held
     from minilm.train.trainer import train
 
-    with _log_to(members, log_name):
+    # held before the log file opens: nothing is written in a run dir that another run holds
+    with run_dirs_held(members), _log_to(members, log_name):
         if len(members) == 1:
             job = members[0]
             return [train(job.cfg, job.run_dir, job.overrides, choices=job.choices)]

@@ -9,8 +9,11 @@ exits with the code of the most severe outcome (minilm/errors.py).
 """
 
 import itertools
+import logging
 import os
 import sys
+import tempfile
+from contextlib import nullcontext
 from dataclasses import fields, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -208,6 +211,12 @@ def check_output_dir(path: Path, key: str) -> None:
         raise RunDirError(f"{key}={path} cannot be created: {parent} is a file; pass another {key}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise RunDirError(f"{key}={path} cannot be created: {parent} is not writable; pass another {key}")
+    if parent != path:  # Hydra creates it: try once (a kernel's file system, /proc, refuses any new folder)
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".minilm-probe-", dir=parent))
+        except OSError as error:
+            raise RunDirError(f"{key}={path} cannot be created in {parent} ({error.strerror or error}); pass "
+                              f"another {key}") from None
 
 
 def check_launcher(launcher) -> None:
@@ -279,15 +288,35 @@ def _hydra_main(cfg) -> float:
     return job_result(summary)
 
 
+def run_dir_lock(argv: list[str]):
+    """The run dir lock of a single run whose hydra.run.dir is a plain path, to take before Hydra writes
+    .hydra/ there (train() takes it again, re-entrantly); nothing for a sweep, Hydra's own commands (--cfg),
+    a rank other than 0, or a dir whose name is only known once Hydra resolves it (a timestamp: train() locks
+    it)."""
+    if any(arg.startswith("-") for arg in argv) or int(os.environ.get("RANK", "0")) != 0:  # -m, Hydra's own
+        return nullcontext()
+    given = [o for o in _parse(argv) if o.key_or_group == "hydra.run.dir"]
+    path = str(given[-1].value()) if given else ""
+    if not path or "${" in path:
+        return nullcontext()
+    from minilm.train.lifecycle import RunDirLock
+
+    wait = compose([a for a in argv if not a.startswith("hydra.")]).train.wait_for_run_dir
+    return RunDirLock(Path(path), wait=wait)
+
+
 def main() -> None:
     """train.py and `minilm-train`: preflight every job, run them, exit with the outcome's code."""
     cap_onednn_isa_if_amx_is_broken()  # before any bf16 matmul in this process
+    # a log file on a full disk: its lines still reach the console, without a traceback for each one
+    logging.raiseExceptions = False
     try:
         error = preflight(sys.argv[1:])
         if error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(EXIT_INPUT_ERROR)
-        _hydra_main()
+        with input_errors(), run_dir_lock(sys.argv[1:]):
+            _hydra_main()
     except KeyboardInterrupt as stop:  # Ctrl-C before the run, a second one, or a signal outside the steps
         print(f"interrupted ({stop or 'SIGINT'}): stopped at once; run the same command to resume from the last "
               f"checkpoint, or to start if none was written", file=sys.stderr)

@@ -13,6 +13,11 @@ fetched through the W&B API). key=value overrides apply on top of the logged con
   logged one, reproduce refuses (exit 2) unless --force.
 - Config revisions (a resumed run that accepted a config change, config_revisions.yaml) are
   replayed in order: the run trains with each config up to the step its successor took effect.
+- The logged config must agree with the run's own checkpoint (checkpoints/last.pt holds the
+  config it was trained with): a config.yaml edited after the run is refused, naming the keys.
+- A fork (a run started with train.resume=<another run>: environment.json `resumed_from`) is
+  replayed from the start: its parent's configs up to the step it was forked at, then its own.
+  A parent that is not on this machine is refused, naming it.
 - --verify N trains only the first N steps (the logged train.max_steps still sets the
   learning-rate schedule) and compares their losses with the logged ones: bitwise when the
   run is deterministic (deterministic=true: same machine, same software), otherwise within
@@ -36,15 +41,16 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from minilm import checkpoint
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
 from minilm.analysis.runs import RunRecord, load_run
 from minilm.config import resolve_device, validate
 from minilm.data import corpus_fingerprint, load_corpus
 from minilm.environment import environment_record, git_commit
-from minilm.errors import MinilmError, exit_on_input_error
+from minilm.errors import CheckpointError, MinilmError, exit_on_input_error
 from minilm.launch.cli import compose, one_line
 from minilm.rundir import flatten, read_metrics
-from minilm.train.lifecycle import apply_revisions
+from minilm.train.lifecycle import RunDirLock, apply_revisions, math_changes
 from minilm.train.trainer import Trainer
 
 EXIT_PASS, EXIT_FAIL = 0, 1
@@ -69,9 +75,9 @@ def reproduction_config(logged: dict, overrides: list[str]):
         raise Refused(f"the logged config has keys this code does not know: {', '.join(unknown[:8])}; reproduce it "
                       f"with the code version it logged")
     missing = sorted(k for k in today.keys() - then.keys() - given if not k.startswith(MACHINE_KEYS))
-    if missing:
-        raise Refused(f"the logged config lacks {', '.join(missing[:8])} (added since the run); pass them as "
-                      f"key=value to choose, e.g. today's defaults: {' '.join(f'{k}={today[k]}' for k in missing[:8])}")
+    if missing:  # a key's default keeps the behaviour from before it existed; --verify checks the result
+        warn(f"the logged config lacks {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} (added since "
+             f"the run): using the schema's defaults, which keep the earlier behaviour")
     logged = {key: value for key, value in logged.items() if key != "paths"}
     try:
         cfg = OmegaConf.merge(defaults, logged, OmegaConf.from_dotlist(list(overrides)))
@@ -118,11 +124,55 @@ def check_data(cfg, record: RunRecord, force: bool) -> None:
         warn(message + "; running anyway (--force)")
 
 
-def logged_losses(record: RunRecord, n: int, max_steps: int) -> list[float]:
-    if record.rows is None:
-        raise Refused(f"{record.name} has no logged losses to verify against (a W&B run dir moved out of its "
-                      f"run dir has none: verify against the run dir, or the W&B run path after `wandb sync`)")
-    series = record.series("train/loss")
+def check_against_checkpoint(record: RunRecord) -> None:
+    """Refuse a logged config that disagrees with the run's own latest checkpoint (config.yaml edited by hand):
+    the checkpoint holds the config it was trained with, revisions included."""
+    try:
+        loaded = checkpoint.load_latest(Path(record.name), log=warn) if Path(record.name).is_dir() else None
+    except CheckpointError as error:
+        warn(f"cannot compare config.yaml with the run's checkpoint: {error}")
+        return
+    if loaded is None:
+        return
+    state, path = loaded
+    # a revision at step s took effect after step s: a checkpoint of step s was written before it
+    logged = apply_revisions(record.config, record.revisions, state["step"] - 1)
+    changes = math_changes(state["config"], logged)
+    if changes:
+        shown = ", ".join(f"{key} ({a!r} in the checkpoint, {b!r} logged)" for key, (a, b) in list(changes.items())[:6])
+        raise Refused(f"{record.name}: config.yaml disagrees with the run's checkpoint {path} (step {state['step']}) "
+                      f"on {shown}{' and more' if len(changes) > 6 else ''}; restore the logged config, or pass the "
+                      f"values you mean as key=value")
+
+
+def lineage(record: RunRecord) -> list[tuple[RunRecord, int]]:
+    """The runs `record` continues, oldest first, each with the step it started at: [(root, 0), ..., (record,
+    the step it was forked at)]. A fork's parent is the run dir holding the checkpoint it resumed from."""
+    fork = record.environment.get("resumed_from")
+    if not fork:
+        return [(record, 0)]
+    source = Path(fork["checkpoint"])
+    parent = source.parent.parent if source.parent.name == "checkpoints" else source.parent
+    if not (parent / "config.yaml").is_file():
+        raise Refused(f"{record.name} was forked from {source} at step {fork['step']}, and its parent run dir "
+                      f"{parent} is not here (no config.yaml): put the parent back at that path to replay it first, "
+                      f"or reproduce the parent alone")
+    return [*lineage(load_run(str(parent))), (record, fork["step"])]
+
+
+def loss_series(runs: list[tuple[RunRecord, int]]) -> dict[int, float]:
+    """The run's train/loss by step: each step from the run of its lineage that trained it."""
+    series = {}
+    for i, (record, start) in enumerate(runs):
+        end = runs[i + 1][1] if i + 1 < len(runs) else math.inf
+        if record.rows is None:
+            raise Refused(f"{record.name} has no logged losses to verify against (a W&B run dir moved out of its "
+                          f"run dir has none: verify against the run dir, or the W&B run path after `wandb sync`)")
+        series.update({step: loss for step, loss in record.series("train/loss").items() if start < step <= end})
+    return series
+
+
+def logged_losses(series: dict[int, float], n: int, max_steps: int) -> list[float]:
     if n < 1:
         raise Refused(f"--verify {n}: verify at least one step")
     if n > max_steps:
@@ -149,16 +199,23 @@ def default_out_dir(record: RunRecord) -> Path:
     return Path("outputs") / "reproductions" / f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{name}"
 
 
-def segments(record: RunRecord, overrides: list[str]) -> list[tuple[int, object]]:
-    """[(first step, config)] of each stretch the run trained with one config: its revisions in order."""
-    starts = sorted({0} | {r["step"] for r in record.revisions})
-    return [(start, reproduction_config(apply_revisions(record.config, record.revisions, start), overrides))
-            for start in starts]
+def segments(runs: list[tuple[RunRecord, int]], overrides: list[str]) -> list[tuple[int, object]]:
+    """[(first step, config)] of each stretch the run trained with one config: its lineage's runs in order (a
+    fork's parent up to the step it was forked at), and each run's revisions in order."""
+    plan = []
+    for i, (record, start) in enumerate(runs):
+        end = runs[i + 1][1] if i + 1 < len(runs) else math.inf
+        starts = sorted({start} | {r["step"] for r in record.revisions if start < r["step"] < end})
+        plan += [(step, reproduction_config(apply_revisions(record.config, record.revisions, step), overrides))
+                 for step in starts]
+    return plan
 
 
 def train_segments(plan: list[tuple[int, object]], out: Path, until: int | None, label: str) -> tuple[dict, Trainer]:
     """Train each config up to the step the next took effect (or `until`); returns the last summary and
     trainer (still open: the caller closes it)."""
+    if until is not None:  # --verify N: the stretches up to step N
+        plan = [(start, cfg) for start, cfg in plan if start < until]
     for i, (_start, cfg) in enumerate(plan):
         if cfg.logger.backend == "wandb":
             cfg.logger.name, cfg.logger.group = f"reproduce {label}", "reproductions"
@@ -213,30 +270,37 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="the reproduction's run dir")
     args = parser.parse_intermixed_args(argv)
     record = load_run(args.source)
-    if record.config is None:
-        raise Refused(f"{record.name} logged no config")
-    plan = segments(record, args.overrides)
-    cfg = plan[0][1]
+    runs = lineage(record)
+    for run_record, _start in runs:
+        if run_record.config is None:
+            raise Refused(f"{run_record.name} logged no config")
+        check_against_checkpoint(run_record)
+    plan = segments(runs, args.overrides)
+    cfg = plan[-1][1]  # the run's own config (a fork's parent may have trained with another)
     device = resolve_device(cfg.device)
     check_code_version(record)
     if args.verify and cfg.deterministic:
         check_same_setup(record, device)
-    logged = logged_losses(record, args.verify, cfg.train.max_steps) if args.verify is not None else None
+    logged = logged_losses(loss_series(runs), args.verify, cfg.train.max_steps) if args.verify is not None else None
     check_data(cfg, record, args.force)
     out = args.out or default_out_dir(record)
     if out.exists() and any(out.iterdir()):
         raise Refused(f"{out} is not empty; pass another --out")
-    revisions = f" and its {len(plan) - 1} config revision(s)" if len(plan) > 1 else ""
-    print(f"reproducing {record.name}{revisions} in {out}")
+    parents = "".join(f", after its parent {parent.name} up to step {runs[i + 1][1]}"
+                      for i, (parent, _start) in enumerate(runs[:-1]))
+    revisions = f" ({len(plan)} configs in turn)" if len(plan) > 1 else ""
+    print(f"reproducing {record.name}{parents}{revisions} in {out}")
     label = Path(record.name).name
-    summary, trainer = train_segments(plan, out, args.verify, label)
-    try:
-        if logged is not None:
-            return verify(trainer, out, record.name, logged, bitwise=bitwise_expected(cfg, record), rtol=args.rtol)
-        print(f"done: outcome {summary['outcome']}, val/loss {summary['val/loss']}")
-        return EXIT_PASS
-    finally:
-        trainer.close()
+    with RunDirLock(out):
+        summary, trainer = train_segments(plan, out, args.verify, label)
+        try:
+            if logged is not None:
+                bitwise = bitwise_expected(cfg, record)
+                return verify(trainer, out, record.name, logged, bitwise=bitwise, rtol=args.rtol)
+            print(f"done: outcome {summary['outcome']}, val/loss {summary['val/loss']}")
+            return EXIT_PASS
+        finally:
+            trainer.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,8 +56,9 @@ def fp8_path(device: torch.device, recipe: str) -> str:
 
 
 def converts(module_name: str, module: nn.Module) -> bool:
-    """Whether `convert_to_fp8` makes this module an fp8 linear: every nn.Linear but the LM head."""
-    return isinstance(module, nn.Linear) and module_name != "lm_head"
+    """Whether `convert_to_fp8` makes this module an fp8 linear: every nn.Linear but the LM head and the
+    gates (model.attn_gate, value embeddings, smear: a few outputs each, too narrow for fp8 matmuls)."""
+    return isinstance(module, nn.Linear) and module_name != "lm_head" and not module_name.endswith("gate")
 
 
 def fp8_unavailable_reason(model_cfg, recipe: str, tokens_per_micro_batch: int) -> str | None:
@@ -77,6 +78,10 @@ def fp8_unavailable_reason(model_cfg, recipe: str, tokens_per_micro_batch: int) 
     if model_cfg.d_model % _MATMUL_MULTIPLE:
         return (f"model.d_model={model_cfg.d_model} is not a multiple of {_MATMUL_MULTIPLE}: fp8 matmuls need every "
                 f"converted linear's in and out features divisible by {_MATMUL_MULTIPLE}; pick such a d_model")
+    kv_features = (model_cfg.n_kv_head or model_cfg.n_head) * (model_cfg.d_model // model_cfg.n_head)
+    if kv_features % _MATMUL_MULTIPLE:
+        return (f"model.n_kv_head x head size = {kv_features} key/value features is not a multiple of "
+                f"{_MATMUL_MULTIPLE}: the fp8 qkv matmul's out features must be; pick more kv heads or a wider head")
     if tokens_per_micro_batch % _MATMUL_MULTIPLE:
         return (f"train.batch_size x model.block_size = {tokens_per_micro_batch} tokens is not a multiple of "
                 f"{_MATMUL_MULTIPLE}: the fp8 weight-gradient matmul contracts over the tokens of a micro-batch")

@@ -1,5 +1,5 @@
-"""Precision policy: the one object the trainer asks how to build the model and optimizer, and
-how to run forward, backward and step.
+"""Precision policy: the one object the trainer asks how to build the model (minilm/optim/ builds
+the optimizer for it), and how to run forward, backward and step.
 
     fp32       no autocast; optional TF32 matmuls on CUDA.
     bf16       autocast to bfloat16; no loss scaling (bf16 has fp32's exponent range).
@@ -101,19 +101,6 @@ class Precision:
             convert_to_fp8(model, self.fp8_recipe, self.device)
         return model
 
-    def optimizer(self, groups: list[dict], optim_cfg, seed: int) -> torch.optim.Optimizer:
-        """AdamW over the parameter groups: torch's fused one on fp32 weights, minilm's BF16AdamW on
-        bf16 ones (its stochastic rounding seeded by the run seed, the same on every rank)."""
-        betas = (optim_cfg.beta1, optim_cfg.beta2)
-        if self.name == "bf16_pure":
-            from minilm.precision.bf16_pure import BF16AdamW
-
-            return BF16AdamW(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps, rounding=self.rounding,
-                             seed=seed)
-        # fused=True: one kernel for the whole update, and it honours the on-device found_inf
-        # flag (see `step`), so skipping needs no host sync.
-        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps, fused=True)
-
     def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
         """Clip the gradients to a global L2 norm of `max_norm`; return the norm before clipping. Under
         bf16_pure the norm is taken in fp32 (a bf16 norm keeps 8 significant bits)."""
@@ -145,22 +132,27 @@ class Precision:
         """Bring gradients back to their true scale (call before clipping)."""
         self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor | None = None) -> torch.Tensor | None:
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor | None = None,
+             skip: torch.Tensor | None = None) -> torch.Tensor | None:
         """Apply the update unless some gradient is non-finite (`grad_norm` is their global norm;
-        None: no check outside fp16, e.g. for a bare benchmark loop). Returns whether the update was
-        skipped, as a float device scalar (1.0: skipped; no host sync), or None without a `grad_norm`.
+        None: no check outside fp16, e.g. for a bare benchmark loop) or the device flag `skip` is set
+        (skip-step, minilm/optim/skip_step.py; minilm's optimizers join it to the scaler's found_inf).
+        Returns whether the update was skipped for a non-finite gradient, as a float device scalar (1.0:
+        skipped; no host sync), or None without a `grad_norm` (skip-step counts its own refusals).
         fp16's scaler skips on a non-finite unscaled gradient, which makes the norm non-finite too."""
         skipped = None if grad_norm is None else (~torch.isfinite(grad_norm)).float()
         if self.uses_scaler:
+            if skip is not None:
+                optimizer.skip = skip
             self.scaler.step(optimizer)
             self.scaler.update()
         elif grad_norm is None:
             optimizer.step()
         elif getattr(optimizer, "_step_supports_amp_scaling", False):
-            optimizer.found_inf = skipped
+            optimizer.found_inf = skipped if skip is None else torch.maximum(skipped, skip.float())
             optimizer.step()
             del optimizer.found_inf
-        elif not skipped.item():  # non-fused optimizers: one host sync
+        elif not skipped.item() and (skip is None or not skip):  # non-fused optimizers: one host sync
             optimizer.step()
         return skipped
 

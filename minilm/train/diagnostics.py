@@ -38,13 +38,15 @@ FP16_MAX = torch.finfo(torch.float16).max  # 65504
 # Probe rows for the norm: mean + std * z (PROBE_MEANS), z fixed with mean 0 and std 1 per row.
 PROBE_STDS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
 PROBE_ROWS = 64
-_TOP_LEVEL_GROUPS = {"tok_emb": "embed", "pos_emb": "embed", "lm_head": "head", "norm_f": "final_norm"}
+_TOP_LEVEL_GROUPS = {"tok_emb": "embed", "pos_emb": "embed", "value_embeds": "embed", "lm_head": "head",
+                     "norm_f": "final_norm"}
 _ATTN_CHUNK_ELEMENTS = 2**26  # bound the fp32 (batch, head, T, T) logits held at once
 
 
 def param_group(name: str) -> str:
     """A parameter's diagnostics group: L{i}.attn, L{i}.mlp, L{i}.norm (every norm gain and bias of
-    block i, the qk-norms included), embed (token + position), head (an untied LM head), final_norm."""
+    block i, the qk-norms included), embed (token + position + value embeddings), head (an untied LM head),
+    final_norm; any other top-level parameter (embed_norm, smear_gate, x0_lambdas, ...) is its own group."""
     parts = name.split(".")
     if parts[0] == "blocks":
         kind = "norm" if any("norm" in part for part in parts[2:-1]) else parts[2]

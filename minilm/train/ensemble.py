@@ -7,8 +7,8 @@ their parameters are stacked along a leading member dimension and one forward an
 model.py) serve all members. Everything else is each member's own `Trainer`, through the same code as a
 run made alone (trainer.py: `begin_step` / `micro_batch` / `finish_step`, `start_fit` / `after_step` /
 `end_fit`): its run dir, metrics.jsonl, checkpoints, W&B run, config and environment record, data order
-(its own sampler and seed), learning-rate schedule, optimizer (a fused AdamW of its own with its own
-scalars), gradient clipping, fp16 loss scaler (its own found-inf), diagnostics, forensics and divergence
+(its own sampler and seed), learning-rate schedule, optimizer (its own AdamW, or Muon + AdamW, with its
+own scalars), gradient clipping, fp16 loss scaler (its own found-inf), diagnostics, forensics and divergence
 monitor. Each member's parameters are views into the stacked tensors, so its model, optimizer and
 checkpoint are exactly those of a solo run (a solo Trainer resumes a member's checkpoint, and
 `minilm-reproduce` repeats a member alone).
@@ -48,7 +48,7 @@ from minilm.norms import norm_spec
 from minilm.rundir import flatten
 from minilm.seeding import rng_state, set_rng_state, torch_rng_state
 from minilm.train.build import compile_mode
-from minilm.train.lifecycle import RunDir, StopSignals, plain
+from minilm.train.lifecycle import RunDir, StopSignals, plain, run_dirs_held
 from minilm.train.trainer import Trainer, samples
 
 log = logging.getLogger("minilm")
@@ -269,6 +269,11 @@ def train_ensemble(jobs: list[MemberJob], label: str = "") -> list[dict]:
     """Train `jobs` (runs an ensemble can batch: equal `ensemble_key`) as one ensemble and return their
     summaries, in order. A run that already finished in its run dir is not trained again, as with
     trainer.train; every member is closed (W&B finished, closing line) whatever happens."""
+    with run_dirs_held(jobs):
+        return _train_ensemble_locked(jobs, label)
+
+
+def _train_ensemble_locked(jobs: list[MemberJob], label: str) -> list[dict]:
     summaries: list[dict | None] = [None] * len(jobs)
     todo = []
     for i, job in enumerate(jobs):

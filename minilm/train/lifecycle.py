@@ -1,5 +1,6 @@
 """The pieces of a run's life around the training step, each with its own state and cadence.
 
+    RunDirLock    one run per run dir: held for the run's life, a second process is refused (or waits).
     RunDir        what a run dir already holds (a logged config, a finished run's summary, a W&B
                   id), checked before anything is trained: a finished run is not trained again, a
                   resume whose config changes the math is refused (or recorded as a revision when
@@ -14,16 +15,21 @@
 
 import contextlib
 import copy
+import fcntl
 import json
 import logging
+import os
 import signal
+import socket
 from datetime import datetime
+from enum import Enum
 from pathlib import Path
 
 import torch
 import yaml
 from omegaconf import OmegaConf
 
+from minilm.config import default_of, schema_field
 from minilm.errors import ConfigError, RunDirError
 from minilm.rundir import REVISIONS_FILE, flatten
 
@@ -34,12 +40,25 @@ FINISHED = ("completed", "diverged")
 BOOKKEEPING_PREFIXES = ("logger.", "diagnostics.", "paths.", "study.")
 BOOKKEEPING_KEYS = {
     "train.log_interval", "train.eval_interval", "train.eval_batches", "train.ckpt_interval", "train.resume",
-    "train.allow_config_change", "train.sample_tokens", "train.compile", "train.compile_backend",
-    "train.compile_mode", "train.stop_on_divergence", "train.divergence_margin", "train.divergence_window", "device",
-    "detect_anomaly", "data.num_proc",
+    "train.allow_config_change", "train.wait_for_run_dir", "train.sample_tokens", "train.compile",
+    "train.compile_backend", "train.compile_mode", "train.stop_on_divergence", "train.divergence_margin",
+    "train.divergence_window", "device", "detect_anomaly", "data.num_proc",
 }
+# What a run writes in its run dir; RUN_FOLDERS are the folders among them
 RUN_FILES = ("config.yaml", REVISIONS_FILE, "metrics.jsonl", "summary.json", "environment.json", "checkpoints",
              "forensics", "wandb")
+RUN_FOLDERS = ("checkpoints", "forensics", "wandb")
+LOCK_FILE = "run.lock"
+
+
+def logged_default(key: str):
+    """What a config logged before `key` existed meant by it: the schema's default (a new key's default
+    keeps the earlier behaviour), as config.yaml would hold it."""
+    f = schema_field(key)
+    if f is None:
+        return "<absent>"
+    value = default_of(f)
+    return value.value if isinstance(value, Enum) else list(value) if isinstance(value, tuple) else value
 
 
 def plain(cfg) -> dict:
@@ -50,6 +69,8 @@ def plain(cfg) -> dict:
 def math_changes(logged: dict, current: dict) -> dict[str, tuple]:
     """{key: (logged value, current value)} for every key that differs and changes the math of training."""
     old, new = flatten(plain(logged), keep_lists=True), flatten(plain(current), keep_lists=True)
+    old = {**{key: logged_default(key) for key in new.keys() - old.keys()}, **old}
+    new = {**{key: logged_default(key) for key in old.keys() - new.keys()}, **new}
     return {key: (old.get(key, "<absent>"), new.get(key, "<absent>")) for key in sorted(old.keys() | new.keys())
             if key not in BOOKKEEPING_KEYS and not key.startswith(BOOKKEEPING_PREFIXES)
             and old.get(key, "<absent>") != new.get(key, "<absent>")}
@@ -85,21 +106,99 @@ def check_resume(logged: dict, cfg, step: int, allow: bool) -> dict[str, tuple]:
     return changes
 
 
+def _make_run_dir(path: Path) -> None:
+    """Create the run dir; refuse in one line one that is a file, not writable, or holds a run file of the
+    wrong kind (a metrics.jsonl that is a folder, a checkpoints that is a file)."""
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"the run dir {path} is an existing file; pass another hydra.run.dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise RunDirError(f"the run dir {path} is not writable ({error.strerror or error}); pass a "
+                          f"writable hydra.run.dir") from None
+    for name in RUN_FILES:
+        entry, folder = path / name, name in RUN_FOLDERS
+        if entry.exists() and entry.is_dir() != folder:
+            raise RunDirError(f"{entry} is a {'file' if folder else 'folder'} where a run keeps its {name} "
+                              f"{'folder' if folder else 'file'}; move it away or pass another hydra.run.dir")
+
+
+class RunDirLock:
+    """One run per run dir: an exclusive flock on <run dir>/run.lock, taken before minilm writes anything
+    there and held until the run ends. A second process is refused in one line naming the holder (pid, host,
+    start time), or waits for it with `wait`. The lock dies with its process (kill -9 included), so a lock
+    file a dead run left is simply taken over. Re-entrant within a process: the entry point and the code it
+    calls may each hold it. Data parallel: rank 0 holds it for every rank."""
+
+    _held: dict[str, list] = {}  # realpath -> [fd, depth]: the run dirs this process holds
+
+    def __init__(self, path: Path, wait: bool = False):
+        self.path, self.wait = Path(path), wait
+        self.key = None
+
+    def __enter__(self):
+        self.key = os.path.realpath(self.path)
+        held = self._held.get(self.key)
+        if held:
+            held[1] += 1
+            return self
+        _make_run_dir(self.path)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                if not self.wait:
+                    raise RunDirError(f"the run dir {self.path} is in use by another run ({holder}); wait for it "
+                                      f"to end, pass train.wait_for_run_dir=true to wait for it, or pass another "
+                                      f"hydra.run.dir") from None
+                log.warning(f"waiting for the run dir {self.path}: in use by another run ({holder})")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            record = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": datetime.now().astimezone().isoformat(timespec="seconds")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except BaseException:
+            os.close(fd)  # closing drops the lock if it was taken
+            raise
+        self._held[self.key] = [fd, 1]
+        return self
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            record = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            return f"pid {record['pid']} on host {record['host']}, started {record['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a process that has not recorded itself yet"
+
+    def __exit__(self, *exc) -> None:
+        held = self._held[self.key]
+        held[1] -= 1
+        if held[1] == 0:
+            del self._held[self.key]
+            os.close(held[0])  # the lock file stays: unlinking it would let two processes lock two files
+
+
+@contextlib.contextmanager
+def run_dirs_held(jobs):
+    """Hold the run dir lock of every job (anything with .run_dir and .cfg: an ensemble's members) inside."""
+    with contextlib.ExitStack() as held:
+        for job in jobs:
+            held.enter_context(RunDirLock(job.run_dir, wait=job.cfg.train.wait_for_run_dir))
+        yield
+
+
 class RunDir:
     """A run dir and what an earlier attempt left in it."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise RunDirError(f"the run dir {self.path} is an existing file; pass another hydra.run.dir")
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise RunDirError(f"the run dir {self.path} is not writable ({error.strerror or error}); pass a "
-                              f"writable hydra.run.dir") from None
+        _make_run_dir(self.path)
 
     def _read(self, name: str, parse) -> object:
         path = self.path / name

@@ -15,6 +15,7 @@ local files alone. The log says which mode ran and, for an offline run, how to s
 Metric names are slash-grouped and stable; see docs/diagnostics.md (Metrics).
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from minilm.errors import RunDirError
 from minilm.rundir import read_metrics
 
 WANDB_HOST = "api.wandb.ai"
@@ -202,7 +204,13 @@ class Tracker:
     # ------------------------------------------------------------ metrics
     def log(self, metrics: dict, step: int) -> None:
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._metrics_file.write(json.dumps(row) + "\n")
+        try:
+            self._metrics_file.write(json.dumps(row) + "\n")
+        except OSError as error:  # a full disk, a quota: the rows since the last checkpoint are trained again
+            with contextlib.suppress(OSError):
+                self._metrics_file.close()  # drops the unwritten rest of the line; a resume drops a cut line
+            raise RunDirError(f"could not write {self.metrics_path} ({error.strerror or error}); free some space "
+                              f"and run the same command again to resume from the last checkpoint") from None
         if self.wandb_run:
             self._guard(lambda: self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=step))
 
@@ -210,8 +218,12 @@ class Tracker:
         """Merge into the run summary (W&B summary and summary.json), written at once."""
         self._summary.update({k: _jsonable(v) for k, v in values.items()})
         tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(self._summary, indent=1))
-        os.replace(tmp, self.run_dir / "summary.json")
+        try:
+            tmp.write_text(json.dumps(self._summary, indent=1))
+            os.replace(tmp, self.run_dir / "summary.json")
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         if self.wandb_run:
             self._guard(lambda: self.wandb_run.summary.update(values))
 

@@ -47,15 +47,17 @@ from minilm.data import TokenWindowSampler, eval_batches, prepare_data
 from minilm.environment import environment_record
 from minilm.errors import EXIT_CODES, CheckpointError, DataError, MinilmError, RunDirError
 from minilm.model import generate, lm_loss
+from minilm.optim import build_optimizer, lr_at, set_schedule
+from minilm.optim.skip_step import SpikeSkip
 from minilm.precision.bf16_pure import bytes_per_param
 from minilm.precision.policy import Precision
 from minilm.rundir import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE
 from minilm.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, torch_rng_state, torch_seed
-from minilm.train.build import build_model, build_optimizer, compile_mode, lr_at
+from minilm.train.build import build_model, compile_mode
 from minilm.train.diagnostics import Diagnostics, peak_memory_mb
 from minilm.train.divergence import DivergenceMonitor
 from minilm.train.forensics import Forensics
-from minilm.train.lifecycle import RunDir, StepScalars, StopSignals, check_architecture, check_resume, plain
+from minilm.train.lifecycle import RunDir, RunDirLock, StepScalars, StopSignals, check_architecture, check_resume, plain
 from minilm.train.numerics import NumericsCollector
 from minilm.train.tracking import Tracker
 
@@ -98,6 +100,8 @@ class Trainer:
         self.precision = Precision(OmegaConf.to_object(cfg.precision), self.device)
         self.model = build_model(cfg, self.data.vocab_size, self.precision)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.precision, cfg.seed)
+        self.spike_skip = (SpikeSkip(cfg.optim.skip_spikes_window, cfg.optim.skip_spikes_sigma, self.device)
+                           if cfg.optim.skip_spikes else None)
         self.sampler = TokenWindowSampler(self.data.train, cfg.model.block_size, cfg.train.batch_size, cfg.seed,
                                           self.rank, self.world_size)
         self.val_batches = eval_batches(self.data.val, cfg.model.block_size, cfg.train.batch_size,
@@ -227,6 +231,7 @@ class Trainer:
             "skipped_updates": self.skipped_updates, "wandb_id": self.tracker.wandb_id if self.tracker else None,
             "diagnostics": self.diagnostics.state_dict(), "divergence": self.divergence.state_dict(),
             "last_healthy": self.last_healthy, "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
+            "spike_skip": self.spike_skip.state_dict() if self.spike_skip else None,
             "data_fingerprint": self.data.fingerprint, "config": plain(self.cfg),
         }
 
@@ -243,6 +248,8 @@ class Trainer:
         self.last_healthy, self.best_val_loss = state["last_healthy"], state["best_val_loss"]
         # the final checkpoint's val loss is logged already: a resume that only ends the run must not log it again
         self.val_loss = state.get("val_loss")
+        if self.spike_skip:
+            self.spike_skip.load_state_dict(state.get("spike_skip"))
         rngs = state["rng"]
         set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
 
@@ -260,9 +267,7 @@ class Trainer:
         return batch
 
     def set_lr(self, step: int) -> None:
-        lr = lr_at(step, self.optim_cfg, self.train_cfg.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_schedule(self.optimizer, step, self.optim_cfg, self.train_cfg.max_steps)
 
     def train_step(self) -> tuple[torch.Tensor, ...] | None:
         """One optimizer step; returns (mean cross-entropy, pre-clip grad norm, updates skipped so far) as
@@ -324,16 +329,20 @@ class Trainer:
         if sampled:
             self.diagnostics.observe_gradients(step)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = self.precision.clip_grad_norm(list(self.model.parameters()), clip)
-        self._skipped_so_far = self._skipped_so_far + self.precision.step(self.optimizer, grad_norm)
+        grad_norm = self.precision.clip_grad_norm(list(self.model.parameters()), clip).detach()
+        mean_ce = ce_total / accum
+        if self.world_size > 1:  # every rank sees the mean loss (queued on the device: no host sync)
+            dist.all_reduce(mean_ce)
+            mean_ce /= self.world_size
+        skip = None
+        if self.spike_skip:  # ranks agree: the same mean loss and the same (all-reduced) gradients
+            skip = self.spike_skip.decide(mean_ce, grad_norm)
+            self.diagnostics.record(step, {"optim/skipped_spikes": self.spike_skip.skipped.clone()})
+        self._skipped_so_far = self._skipped_so_far + self.precision.step(self.optimizer, grad_norm, skip)
         if sampled:
             self.diagnostics.observe_update(step)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        mean_ce, grad_norm = ce_total / accum, grad_norm.detach()
-        if self.world_size > 1:  # every rank sees the mean loss (queued on the device: no host sync)
-            dist.all_reduce(mean_ce)
-            mean_ce /= self.world_size
         self.forensics.end_step()
         self.scalars.record(step, mean_ce, grad_norm)
         if self.optim_cfg.z_loss:
@@ -611,7 +620,13 @@ def samples(trainers: list[Trainer], forward) -> list[str]:
 
 def train(cfg, run_dir: Path, overrides: list[str] = (), choices: dict | None = None) -> dict:
     """Train one run in `run_dir` and return its summary; a run that already finished there is not
-    trained again (its summary is returned)."""
+    trained again (its summary is returned). Rank 0 holds the run dir's lock for the run's life."""
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with RunDirLock(run_dir, wait=cfg.train.wait_for_run_dir) if main_rank else nullcontext():
+        return _train_locked(cfg, run_dir, overrides, choices)
+
+
+def _train_locked(cfg, run_dir: Path, overrides: list[str], choices: dict | None) -> dict:
     finished = RunDir(run_dir).finished_summary(cfg)
     if finished is not None:
         return finished

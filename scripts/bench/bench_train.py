@@ -36,7 +36,7 @@ import torch
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
 from minilm.launch.cli import compose
 from minilm.model import lm_loss
-from minilm.train.build import build_optimizer, lr_at
+from minilm.optim import build_optimizer, set_schedule
 from minilm.train.trainer import Trainer
 
 
@@ -49,7 +49,8 @@ def flops_per_token(trainer: Trainer) -> float:
     """6 N + 12 n_layer T d: N counts every matmul weight, the LM head included (tied to the token embedding
     or not, it is a vocab x d_model matmul); the embedding lookups are no matmul and not counted."""
     m, model = trainer.cfg.model, trainer.model
-    lookups = model.pos_emb.weight.numel() + (0 if model.cfg.tie_embeddings else model.tok_emb.weight.numel())
+    lookups = sum(e.weight.numel() for e in model.modules() if isinstance(e, torch.nn.Embedding)) \
+        - (model.tok_emb.weight.numel() if model.cfg.tie_embeddings else 0)
     matmul_params = sum(p.numel() for p in model.parameters()) - lookups
     return 6 * matmul_params + 12 * m.n_layer * m.block_size * m.d_model
 
@@ -116,8 +117,7 @@ def bare_loop(trainer: Trainer):
     def steps(n: int) -> None:
         nonlocal step
         for _ in range(n):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, trainer.cfg.optim, train_cfg.max_steps)
+            set_schedule(optimizer, step, trainer.cfg.optim, train_cfg.max_steps)
             for _ in range(train_cfg.grad_accum):
                 x, y = trainer.next_batch()
                 with precision.autocast():
