@@ -94,7 +94,11 @@ ALL_COMMANDS = [c for page in PAGES for c in commands(page)]
 def words(command: str) -> list[list[str]]:
     """The command's words, a trailing comment dropped, split at `&&` into the commands it chains."""
     parts, current = [], []
-    for word in shlex.split(command, comments=True):
+    try:
+        split = shlex.split(command, comments=True)
+    except ValueError:  # a table cell's `\|` in an inline span: split at spaces
+        split = command.split("  #")[0].split()
+    for word in split:
         if word == "&&":
             parts.append(current)
             current = []
