@@ -325,10 +325,14 @@ def _build_cache(corpus, data_cfg, fingerprint: str, directory: Path, log) -> No
                 "source": str(data_cfg.source), "vocab_size": tokenizer.get_vocab_size()}
         tokenized_dir = tmp / "tokenized"  # map's output, deleted before publishing; by default `datasets` would
         tokenized_dir.mkdir()              # write it next to the corpus's files: into the user's dataset dir
+        environ = os.environ  # map(num_proc=...) rebinds os.environ to a copy of itself; keep the real one
         for split, ds in (("train", train_ds), ("val", val_ds)):
-            tokenized = ds.map(encode, batched=True, num_proc=data_cfg.num_proc if len(ds) > 1 else None,
-                               remove_columns=ds.column_names, desc=f"tokenizing {split}",
-                               cache_file_name=str(tokenized_dir / f"{split}.arrow"))
+            try:
+                tokenized = ds.map(encode, batched=True, num_proc=data_cfg.num_proc if len(ds) > 1 else None,
+                                   remove_columns=ds.column_names, desc=f"tokenizing {split}",
+                                   cache_file_name=str(tokenized_dir / f"{split}.arrow"))
+            finally:
+                os.environ = environ  # noqa: B003 (rebinding back is the point)
             meta["tokens"][split] = _write_tokens(tokenized, tmp / f"{split}.bin", dtype, eos_id)
         shutil.rmtree(tokenized_dir)
         tokenizer.save(str(tmp / "tokenizer.json"))

@@ -1,6 +1,7 @@
 """Corpora, tokenizer cache and batch order."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -313,7 +314,9 @@ def test_an_empty_minilm_cache_means_the_default_cache_dir(tmp_path, monkeypatch
     monkeypatch.chdir(work)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("MINILM_CACHE", "")
+    environ = os.environ
     cfg = compose(["data=text", f"data.files=[{docs}/*.txt]", "data.vocab_size=300"])
     data = prepare_data_in(cfg.data, cfg.paths.cache_dir, log=print)
     assert data.cache_dir.parent == home / ".cache" / "minilm"
     assert list(work.iterdir()) == []
+    assert os.environ is environ  # datasets' map(num_proc=...) rebinds it: monkeypatch could not undo this test

@@ -502,8 +502,6 @@ def copy_with_config(run_dir, tmp_path, edit):
     (lambda text: "", ["config.yaml", "empty"]),
     (lambda text: "model: [unclosed", ["config.yaml", "unreadable"]),
     (lambda text: text + "extra_knob: 3\n", ["extra_knob", "does not know"]),
-    (lambda text: yaml.safe_dump({k: v for k, v in yaml.safe_load(text).items() if k != "detect_anomaly"}),
-     ["detect_anomaly", "detect_anomaly=False"]),
     (lambda text: text.replace("qk_norm: false", "qk_norm: maybe"), ["model.qk_norm", "boolean"]),
 ])
 def test_reproduce_refuses_a_broken_logged_config(edit, fragments, logged_run, tmp_path, capsys):
@@ -511,6 +509,15 @@ def test_reproduce_refuses_a_broken_logged_config(edit, fragments, logged_run, t
     code, out, err = run_cli([str(source), "--out", str(tmp_path / "again")], capsys, command=reproduce.main)
     assert_one_line_error(code, out, err, fragments)
     assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.slow
+def test_reproduce_of_a_config_logged_before_a_key_existed_uses_its_default_and_says_so(logged_run, tmp_path, capsys):
+    source = copy_with_config(logged_run, tmp_path, lambda text: yaml.safe_dump(
+        {k: v for k, v in yaml.safe_load(text).items() if k != "detect_anomaly"}))
+    code, out, err = run_cli([str(source), "--out", str(tmp_path / "again")], capsys, command=reproduce.main)
+    assert code == 0, err
+    assert "lacks detect_anomaly" in err and "schema's defaults" in err
 
 
 @pytest.mark.slow

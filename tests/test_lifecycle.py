@@ -224,8 +224,8 @@ def test_divergence_stops_the_run_at_its_step_with_a_nonzero_exit(tmp_path):
     assert checkpoint.load(tmp_path / "checkpoints" / "diverged.pt")["step"] == 2
     assert train_steps(read_metrics(tmp_path)) == [1, 2]
     assert "run diverged at step 2/20" in result.stdout + result.stderr
-    console_log = next(line.split("`")[1] for line in (ROOT / "README.md").read_text().splitlines()
-                       if line.startswith("| `") and "the console log" in line)  # as the README names it
+    console_log = next(line.split("`")[1] for line in (ROOT / "docs" / "runs.md").read_text().splitlines()
+                       if line.startswith("| `") and "the console log" in line)  # as the docs name it
     assert "run diverged at step 2/20" in (tmp_path / console_log).read_text()
 
 
