@@ -49,6 +49,7 @@ WandbMode = choices("WandbMode", "auto", "online", "offline", "disabled")
 OptimName = choices("OptimName", "adamw", "muon")
 MuonAdjustLR = choices("MuonAdjustLR", "original", "match_rms_adamw")
 MuonNsDtype = choices("MuonNsDtype", "auto", "bf16", "fp32")
+Parametrization = choices("Parametrization", "sp", "mup")
 CompileMode = choices("CompileMode", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -127,6 +128,11 @@ class ModelConfig:
     x0_blend: bool = False                             # learned blend of the embedding into each block's input
     smear: bool = False                                # mix the previous token's embedding in through a gate
     backout: bool = False                              # subtract a learned share of the mid-depth residual
+    # sp: the standard parametrization; mup: μP (Yang et al. 2022, as the mup package): hidden matrices' init
+    # std / sqrt(m) and Adam LR / m (m = d_model / base_width), the head reads its input x 1/m, attention
+    # logits q.k / d_head x sqrt(base d_head); equal to SP at d_model = base_width (docs/optim.md)
+    parametrization: Parametrization = Parametrization.sp
+    base_width: int = knob(128, at_least(1))           # parametrization=mup: the d_model at which μP is SP
 
     def cross_check(self) -> None:
         if self.d_model % self.n_head:
@@ -141,9 +147,23 @@ class ModelConfig:
         if self.rope_theta is not None and self.position != "rope":
             raise ConfigError(f"model.rope_theta={self.rope_theta} applies to model.position=rope only, not "
                               f"model.position={self.position}; drop it or set model.position=rope")
+        if self.parametrization == "mup":
+            self.check_mup()
         if self.backout and self.n_layer < 2:
             raise ConfigError("model.backout=true subtracts the residual after block n_layer // 2, which with "
                               f"model.n_layer={self.n_layer} is the last block; use n_layer >= 2 or backout=false")
+
+    def check_mup(self) -> None:
+        if self.base_width % self.n_head:
+            raise ConfigError(f"model.base_width={self.base_width} is not divisible by model.n_head={self.n_head}: "
+                              f"μP's base model is this one at d_model=base_width; pick a multiple of n_head")
+        if self.init == "xavier":
+            raise ConfigError("model.init=xavier scales with width by itself (embeddings too) and μP's init rules "
+                              "rescale gpt2's or zero_proj's; use model.init=gpt2 or zero_proj with "
+                              "model.parametrization=mup")
+        if self.attn_gate:
+            raise ConfigError("model.attn_gate=true maps the whole width to one gate per head, an output layer "
+                              "that μP's rules here do not cover; drop attn_gate or use model.parametrization=sp")
 
 
 @dataclass

@@ -21,6 +21,7 @@ backout (docs/model.md).
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import NamedTuple
 
@@ -62,11 +63,20 @@ def rotate(x: torch.Tensor, theta: float) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
-def softcapped_attention(q, k, v, cap: float, dropout: float) -> torch.Tensor:
-    """Causal attention with the logits q.k/sqrt(d) soft-capped before the softmax (Gemma 2). Written out:
+def attention_scale(cfg: ModelConfig) -> float:
+    """The attention logits' scale: 1/sqrt(d_head) (SP); under μP 1/d_head, times sqrt(base d_head) so that it
+    is SP's at model.base_width (Yang et al. 2022: q and k become correlated as they train, so q.k grows as d)."""
+    d_head = cfg.d_model // cfg.n_head
+    if cfg.parametrization == "sp":
+        return d_head ** -0.5
+    return d_head ** -0.5 * math.sqrt(cfg.base_width / cfg.d_model)  # = sqrt(base d_head) / d_head, n_head fixed
+
+
+def softcapped_attention(q, k, v, scale: float, cap: float, dropout: float) -> torch.Tensor:
+    """Causal attention with the logits q.k x scale soft-capped before the softmax (Gemma 2). Written out:
     fused SDPA kernels take no function of the logits; the (B, H, T, T) logits are materialized in fp32."""
     T = q.shape[-2]
-    logits = softcap(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, cap)
+    logits = softcap(q @ k.transpose(-1, -2) * scale, cap)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
     p = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1).to(v.dtype)
     return F.dropout(p, dropout) @ v
@@ -86,6 +96,8 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = norm(self.d_head) if cfg.qk_norm else nn.Identity()
         self.rope_theta = (cfg.rope_theta or 10000.0) if cfg.position == "rope" else None
         self.attn_softcap = cfg.attn_softcap
+        self.scale = attention_scale(cfg)
+        self.sdpa_scale = None if self.scale == self.d_head ** -0.5 else self.scale  # None: SDPA's 1/sqrt(d_head)
         # Qiu et al. 2025: a sigmoid gate per head on the attention output, from the attention input
         self.gate = nn.Linear(cfg.d_model, cfg.n_head, bias=cfg.bias) if cfg.attn_gate else None
         # value embeddings (ResFormer, nanochat): a per-token table added to the values through a gate in (0, 3)
@@ -118,9 +130,9 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if self.attn_softcap is None:
             # SDPA picks the flash / memory-efficient kernel where it can.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=self.sdpa_scale)
         else:
-            y = softcapped_attention(q, k, v, self.attn_softcap, dropout)
+            y = softcapped_attention(q, k, v, self.scale, self.attn_softcap, dropout)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x)).transpose(1, 2).unsqueeze(-1).to(y.dtype)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -217,6 +229,11 @@ class GPT(nn.Module):
             self.smear_lambda = nn.Parameter(torch.zeros(1))
         if cfg.backout:  # subtract backout_lambda x the residual after block n_layer // 2 before the final norm
             self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
+        # μP (model.parametrization=mup): the hidden matrices' width multipliers (their init and LR scale by
+        # them), and the head's input multiplier base_width / d_model (mup's MuReadout); none under SP
+        mup = cfg.parametrization == "mup"
+        self.width_mults = hidden_width_mults(self) if mup else {}
+        self.readout_mult = cfg.base_width / cfg.d_model if mup and cfg.base_width != cfg.d_model else None
         self._init_weights(cfg.init)
 
     def _init_weights(self, scheme: str) -> None:
@@ -246,6 +263,9 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
             elif name.endswith(("ve_gate.weight", "smear_gate.weight")):
                 nn.init.uniform_(p, 0.0, 0.02)
+            if name in self.width_mults:  # μP: a hidden matrix's std / sqrt(width mult), as mup.init.normal_
+                with torch.no_grad():
+                    p.mul_(self.width_mults[name] ** -0.5)
 
     def num_params(self) -> int:
         """Parameters, counting the tied head once and excluding position embeddings (as GPT-2 does)."""
@@ -272,8 +292,22 @@ class GPT(nn.Module):
                 middle = x
         if self.cfg.backout:
             x = x - self.backout_lambda * middle
-        logits = self.lm_head(self.norm_f(x))
+        x = self.norm_f(x)
+        logits = self.lm_head(x if self.readout_mult is None else x * self.readout_mult)
         return logits if self.cfg.logit_softcap is None else softcap(logits, self.cfg.logit_softcap)
+
+
+def hidden_width_mults(model: "GPT") -> dict[str, float]:
+    """μP's hidden matrices of `model` by parameter name, each with its width multiplier (its fan-in over the base
+    model's), found as mup's set_base_shapes finds them: the weights both of whose dims differ from the base
+    model's, the base model being this one at d_model = model.base_width. Every other parameter (embeddings, the
+    head, the fixed-width gates, norm gains, biases, scalars) keeps SP's init and Adam LR."""
+    with torch.device("meta"):  # shapes only: no memory, no draw from the RNG
+        base = GPT(replace(model.cfg, d_model=model.cfg.base_width, parametrization="sp"), model.norm_cfg,
+                   model.vocab_size)
+    base_shapes = {name: p.shape for name, p in base.named_parameters()}
+    return {name: p.shape[1] / base_shapes[name][1] for name, p in model.named_parameters()
+            if p.dim() == 2 and p.shape[0] != base_shapes[name][0] and p.shape[1] != base_shapes[name][1]}
 
 
 @torch.no_grad()

@@ -132,10 +132,11 @@ def test_attention_softcap_matches_a_float64_reference():
     logits = cap * torch.tanh(qd @ kd.transpose(-1, -2) / math.sqrt(8) / cap)
     logits = logits.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
     expected = torch.softmax(logits, dim=-1) @ vd
-    torch.testing.assert_close(softcapped_attention(q, k, v, cap, 0.0).double(), expected, rtol=1e-5, atol=1e-5)
+    scale = 8 ** -0.5
+    torch.testing.assert_close(softcapped_attention(q, k, v, scale, cap, 0.0).double(), expected, rtol=1e-5, atol=1e-5)
     # a cap far above every logit is plain attention
-    torch.testing.assert_close(softcapped_attention(q, k, v, 1e6, 0.0).double(), causal_attention_float64(q, k, v),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(softcapped_attention(q, k, v, scale, 1e6, 0.0).double(),
+                               causal_attention_float64(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 def test_diagnostics_log_the_attention_logits_before_the_cap(tmp_path):

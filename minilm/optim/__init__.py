@@ -15,6 +15,10 @@ optim=muon   Muon (minilm/optim/muon.py) for the matrix group, AdamW for embed, 
              optim.lr (Muon's): one key sweeps the whole recipe while the ratios keep the proportions
              that were tuned together, and the study tooling that sweeps optim.lr works unchanged.
 
+model.parametrization=mup (μP, Yang et al. 2022) splits out μP's hidden matrices (GPT.width_mults) by width
+multiplier m, each group with an `lr_scale` (`mup_lr_scale`) and its weight decay / lr_scale, so the decay
+per step stays SP's (as mup.MuAdam); every other group keeps SP's LR.
+
 `set_schedule` sets each group's learning rate (and Muon's momentum) for a step; the trainer calls
 it before every step, so a config change on resume takes effect at once.
 """
@@ -75,7 +79,7 @@ def set_schedule(optimizer, step: int, optim_cfg, max_steps: int) -> None:
     lr = lr_at(step, optim_cfg, max_steps)
     muon = optim_cfg.name == "muon"
     for group in optimizer.param_groups:
-        group["lr"] = lr * lr_ratio(group["name"], optim_cfg) if muon else lr
+        group["lr"] = (lr * lr_ratio(group["name"], optim_cfg) if muon else lr) * group.get("lr_scale", 1.0)
         if group["name"] == "matrix":
             group["momentum"] = muon_momentum_at(step, optim_cfg)
 
@@ -116,22 +120,50 @@ def ns_dtype(optim_cfg, precision) -> str:
     return "bf16" if precision.autocast_dtype == torch.bfloat16 else "fp32"
 
 
+def mup_lr_scale(width_mult: float, optim_cfg) -> float:
+    """μP's LR multiplier of a hidden matrix of width multiplier m. Adam (mup.MuAdam): 1 / m, so the update's
+    effect on the activations stays the same at every width. Muon: its orthogonalized update has spectral norm
+    1, and adjust_lr_fn=original scales it by sqrt(max(1, rows / cols)), which does not change with width:
+    that is already the spectral condition for μP (Yang, Simon & Bernstein 2023: ||dW|| ~ sqrt(fan_out /
+    fan_in)), so 1; match_rms_adamw scales by 0.2 sqrt(max(rows, cols)), which grows as sqrt(m), so 1 / sqrt(m)."""
+    if optim_cfg.name == "adamw":
+        return 1 / width_mult
+    return width_mult ** -0.5 if optim_cfg.muon_adjust_lr == "match_rms_adamw" else 1.0
+
+
+def hidden_groups(matrices: list[torch.nn.Parameter], width_mults: dict[int, float], optim_cfg,
+                  decay: float) -> tuple[list[dict], list[torch.nn.Parameter]]:
+    """μP's groups of hidden matrices, one per LR scale (as mup.MuAdam), and the matrices left to SP's LR."""
+    scaled: dict[float, list[torch.nn.Parameter]] = {}
+    rest = []
+    for p in matrices:
+        scale = mup_lr_scale(width_mults[id(p)], optim_cfg) if id(p) in width_mults else 1.0
+        (rest if scale == 1.0 else scaled.setdefault(scale, [])).append(p)
+    groups = [{"params": params, "name": "matrix", "lr_scale": scale, "weight_decay": decay / scale}
+              for scale, params in scaled.items()]
+    return groups, rest
+
+
 def build_optimizer(model: torch.nn.Module, optim_cfg, precision, seed: int):
     """The run's optimizer over every parameter of `model` (see the module docstring)."""
     kinds = parameter_kinds(model)
+    named = dict(model.named_parameters())
+    width_mults = {id(named[name]): m for name, m in getattr(model, "width_mults", {}).items()}
     if optim_cfg.name == "adamw":
         # weight decay on matrices only: not on norm gains, biases or embeddings
-        groups = [{"params": kinds["matrix"] + kinds["head"], "weight_decay": weight_decay(optim_cfg),
+        scaled, matrices = hidden_groups(kinds["matrix"], width_mults, optim_cfg, weight_decay(optim_cfg))
+        groups = [{"params": matrices + kinds["head"], "weight_decay": weight_decay(optim_cfg),
                    "name": "decay"},
                   {"params": kinds["embed"] + kinds["scalar"], "weight_decay": 0.0, "name": "no_decay"}]
-        return adamw(groups, optim_cfg, precision, seed)
+        return adamw([g for g in groups + scaled if g["params"]] if scaled else groups, optim_cfg, precision, seed)
     from minilm.optim.muon import Muon, MuonAdamW
 
     odd = [tuple(p.shape) for p in kinds["matrix"] if p.dim() != 2]
     if odd:
         raise ConfigError(f"optim=muon updates 2-D matrices and this model has block weights of shape {odd[0]}; "
                           f"use optim=adamw")
-    muon = Muon([{"params": kinds["matrix"], "name": "matrix"}], lr=optim_cfg.lr,
+    scaled, matrices = hidden_groups(kinds["matrix"], width_mults, optim_cfg, weight_decay(optim_cfg))
+    muon = Muon([g for g in [{"params": matrices, "name": "matrix"}] + scaled if g["params"]], lr=optim_cfg.lr,
                 weight_decay=weight_decay(optim_cfg), momentum=optim_cfg.muon_momentum,
                 nesterov=optim_cfg.muon_nesterov, ns_steps=optim_cfg.muon_ns_steps,
                 adjust_lr_fn=str(optim_cfg.muon_adjust_lr), ns_dtype=ns_dtype(optim_cfg, precision))

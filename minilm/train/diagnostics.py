@@ -75,14 +75,16 @@ def beyond_fp16(t: torch.Tensor, absolute: torch.Tensor | None = None) -> torch.
     return t.numel() - torch.count_nonzero(absolute <= FP16_MAX)  # nan compares false
 
 
-def attention_stats(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max causal logit q.k/sqrt(d_head), mean softmax entropy in nats) for q, k of shape (B, H, T, d_head)."""
+def attention_stats(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> tuple[torch.Tensor, ...]:
+    """(max causal logit q.k x scale, mean softmax entropy in nats) for q, k of shape (B, H, T, d_head); scale:
+    the attention's (CausalSelfAttention.sdpa_scale, μP's), None for 1/sqrt(d_head)."""
     B, H, T, d = q.shape
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
     chunk = max(1, _ATTN_CHUNK_ELEMENTS // (H * T * T))
     maxima, entropy = [], torch.zeros((), device=q.device)
     for qc, kc in zip(q.split(chunk), k.split(chunk)):
-        logits = (qc @ kc.transpose(-1, -2) / math.sqrt(d)).masked_fill(future, float("-inf"))
+        logits = qc @ kc.transpose(-1, -2) / math.sqrt(d) if scale is None else qc @ kc.transpose(-1, -2) * scale
+        logits = logits.masked_fill(future, float("-inf"))
         maxima.append(logits.amax())
         p = torch.softmax(logits, dim=-1)
         entropy -= torch.special.xlogy(p, p).sum()  # xlogy(0, 0) = 0 on the masked entries
@@ -249,7 +251,8 @@ class Diagnostics:
             with torch.autocast(x.device.type, enabled=False):  # in fp32, or in bf16 for a bf16_pure model
                 q, k, _ = attn.project_qkv(h.to(attn.qkv.weight.dtype))
             q, k = q.float(), k.float()
-            stats[f"diag/attn_logit_max/L{i}"], stats[f"diag/attn_entropy/L{i}"] = attention_stats(q, k)
+            logit_max, entropy = attention_stats(q, k, attn.sdpa_scale)
+            stats[f"diag/attn_logit_max/L{i}"], stats[f"diag/attn_entropy/L{i}"] = logit_max, entropy
             stats[f"diag/q_rms/L{i}"], stats[f"diag/k_rms/L{i}"] = rms(q), rms(k)
         z = logits.float()
         z_abs, log_z = z.abs(), torch.logsumexp(z, dim=-1)
