@@ -98,6 +98,17 @@ def test_muon_members_train_as_their_runs_alone(tmp_path):
         assert_same_run(tmp_path / f"member{i}", tmp_path / f"alone{i}")
 
 
+@pytest.mark.slow
+def test_mup_members_train_as_their_runs_alone(tmp_path):
+    """μP's per-group LR scales and output multiplier are each member's own, as in its run alone."""
+    arms = [["optim.lr=3e-3", "seed=0"], ["optim.lr=1e-2", "seed=1"]]
+    arms = [[*arm, "model.parametrization=mup", "train.max_steps=4", "train.sample_tokens=0"] for arm in arms]
+    run_ensemble(arms, tmp_path)
+    for i, arm in enumerate(arms):
+        run_alone(arm, tmp_path / f"alone{i}")
+        assert_same_run(tmp_path / f"member{i}", tmp_path / f"alone{i}")
+
+
 def test_members_draw_their_samples_as_alone(tmp_path):
     """An ensemble draws its members' end-of-run samples in one batched generation: each is what its model
     draws alone (the same weights, the same seed), at its own length, past the context (block_size 32)."""
