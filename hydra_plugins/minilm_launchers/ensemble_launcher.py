@@ -209,7 +209,7 @@ def _log_to(members, log_name: str | None):
 
 
 def _worker_setup(threads: int) -> None:
-    """A unit's process: its share of the cores, Ctrl-C as the trainer handles it, logs as Hydra writes them."""
+    """A unit's process: its share of the cores, Ctrl-C as a run handles it, logs as Hydra writes them."""
     import torch
 
     torch.set_num_threads(threads)
@@ -222,7 +222,7 @@ def _train_unit(members: list, log_name: str | None, label: str) -> list[dict]:
     Returns the summaries in order."""
     from minilm.train.ensemble import train_ensemble
     from minilm.train.lifecycle import run_dirs_held
-    from minilm.train.trainer import train
+    from minilm.train.loop import train
 
     # held before the log file opens: nothing is written in a run dir that another run holds
     with run_dirs_held(members), _log_to(members, log_name):

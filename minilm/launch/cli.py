@@ -278,7 +278,7 @@ def share_cores(hydra_cfg) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
 def _hydra_main(cfg) -> float:
-    from minilm.train.trainer import train
+    from minilm.train.loop import train
 
     hydra_cfg = HydraConfig.get()
     share_cores(hydra_cfg)
