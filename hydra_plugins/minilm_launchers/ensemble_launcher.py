@@ -39,7 +39,7 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's j
 
 
 class EnsembleLauncher(Launcher):
-    def __init__(self, max_members: int | None = None, memory_fraction: float = 0.8, n_jobs: int = 1) -> None:
+    def __init__(self, max_members, memory_fraction, n_jobs) -> None:  # minilm.config.EnsembleLauncherConfig
         check_ensemble_launcher(n_jobs, max_members, memory_fraction)
         self.max_members, self.memory_fraction, self.n_jobs = max_members, memory_fraction, n_jobs
         self.config: DictConfig | None = None

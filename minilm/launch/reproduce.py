@@ -49,7 +49,7 @@ from minilm.data import corpus_fingerprint, load_corpus
 from minilm.environment import environment_record, git_commit
 from minilm.errors import CheckpointError, MinilmError, exit_on_input_error
 from minilm.launch.cli import compose, one_line
-from minilm.rundir import flatten, read_metrics
+from minilm.rundir import CHECKPOINTS_DIR, CONFIG_FILE, flatten, read_metrics
 from minilm.train.lifecycle import RunDirLock, apply_revisions, math_changes
 from minilm.train.loop import Alone, fit
 from minilm.train.run import Run
@@ -153,8 +153,8 @@ def lineage(record: RunRecord) -> list[tuple[RunRecord, int]]:
     if not fork:
         return [(record, 0)]
     source = Path(fork["checkpoint"])
-    parent = source.parent.parent if source.parent.name == "checkpoints" else source.parent
-    if not (parent / "config.yaml").is_file():
+    parent = source.parent.parent if source.parent.name == CHECKPOINTS_DIR else source.parent
+    if not (parent / CONFIG_FILE).is_file():
         raise Refused(f"{record.name} was forked from {source} at step {fork['step']}, and its parent run dir "
                       f"{parent} is not here (no config.yaml): put the parent back at that path to replay it first, "
                       f"or reproduce the parent alone")

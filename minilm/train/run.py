@@ -50,7 +50,7 @@ from minilm.optim import build_optimizer, lr_at, set_schedule
 from minilm.optim.skip_step import SpikeSkip
 from minilm.precision.bf16_pure import bytes_per_param
 from minilm.precision.policy import Precision
-from minilm.rundir import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE
+from minilm.rundir import CHECKPOINTS_DIR, CONFIG_FILE, ENVIRONMENT_FILE, WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE
 from minilm.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, torch_rng_state, torch_seed
 from minilm.train.build import build_model, wrap_model
 from minilm.train.diagnostics import Diagnostics, peak_memory_mb
@@ -197,8 +197,8 @@ class Run:
 
     def _start_tracking(self, resumed: dict | None, extra: dict) -> None:
         config = plain(self.cfg)
-        if not (self.run_dir / "config.yaml").exists():
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+        if not (self.run_dir / CONFIG_FILE).exists():
+            (self.run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
         in_place = resumed is None or resumed["in_place"]
         wandb_id = (resumed or {}).get("wandb_id") if resumed else self.run.wandb_id()
         self.tracker = Tracker(self.run_dir, self.cfg.logger, config, self.overrides,
@@ -209,9 +209,9 @@ class Run:
                       world_size=self.world_size, precision=self.precision.describe(), **extra)
         if resumed and not resumed["in_place"]:
             record["resumed_from"] = {"checkpoint": resumed["path"], "step": resumed["step"]}
-        (self.run_dir / "environment.json").write_text(json.dumps(record, indent=1))
-        self.tracker.save_file(self.run_dir / "config.yaml", WANDB_CONFIG_FILE)
-        self.tracker.save_file(self.run_dir / "environment.json", WANDB_ENVIRONMENT_FILE)
+        (self.run_dir / ENVIRONMENT_FILE).write_text(json.dumps(record, indent=1))
+        self.tracker.save_file(self.run_dir / CONFIG_FILE, WANDB_CONFIG_FILE)
+        self.tracker.save_file(self.run_dir / ENVIRONMENT_FILE, WANDB_ENVIRONMENT_FILE)
 
     # ------------------------------------------------------------ RNG streams
     def rng_snapshot(self) -> dict:
@@ -274,7 +274,7 @@ class Run:
     def save_checkpoint(self, name: str = checkpoint.LAST) -> None:
         state = self.state_dict()  # every rank joins the RNG gather
         if self.is_main:
-            checkpoint.save_atomic(state, self.run_dir / "checkpoints" / name, keep_previous=name == checkpoint.LAST)
+            checkpoint.save_atomic(state, self.run_dir / CHECKPOINTS_DIR / name, keep_previous=name == checkpoint.LAST)
 
     # ------------------------------------------------------------ steps
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
