@@ -31,8 +31,6 @@ every global batch; rank 0 alone logs and writes checkpoints.
 import json
 import logging
 import math
-import os
-from collections import deque
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -52,9 +50,9 @@ from minilm.precision.bf16_pure import bytes_per_param
 from minilm.precision.policy import Precision
 from minilm.rundir import CHECKPOINTS_DIR, CONFIG_FILE, ENVIRONMENT_FILE, WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE
 from minilm.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, torch_rng_state, torch_seed
-from minilm.train.build import build_model, wrap_model
+from minilm.train.build import build_model, init_distributed, rank0s, wrap_model
 from minilm.train.diagnostics import Diagnostics, peak_memory_mb
-from minilm.train.divergence import DivergenceMonitor
+from minilm.train.divergence import DivergenceMonitor, LastHealthy
 from minilm.train.forensics import Forensics
 from minilm.train.lifecycle import RunDir, StepScalars, check_architecture, check_resume, plain
 from minilm.train.metrics import MetricsWindow
@@ -84,12 +82,9 @@ class Run:
         self.device = resolve_device(cfg.device)
         check_runnable(cfg, self.device)
         set_deterministic(cfg.deterministic)  # before CUDA initializes
-        self.rank, self.world_size = self._init_distributed()
+        self.rank, self.world_size, self.device = init_distributed(self.device)
         self.is_main = self.rank == 0
-        if self.world_size > 1:  # ranks may disagree on a timestamped dir: rank 0's is the run's
-            shared = [str(run_dir)]
-            dist.broadcast_object_list(shared, src=0)
-            run_dir = shared[0]
+        run_dir = rank0s(run_dir, self.world_size)  # ranks may disagree on a timestamped dir: rank 0's is the run's
         self.run = RunDir(run_dir) if self.is_main else None
         self.run_dir = Path(run_dir)
         if self.is_main and str(cfg.train.resume) == "none":
@@ -120,8 +115,7 @@ class Run:
         self.scalars = StepScalars()
         self.step = self.skipped_updates = 0  # updates skipped for a non-finite gradient, as of the last flush
         self._skipped_so_far = torch.zeros((), device=self.device)  # the same count on the device, every step
-        self.last_healthy: dict = {}
-        self.recent_rows: deque = deque(maxlen=cfg.train.divergence_window + cfg.train.log_interval + 1)
+        self.last_healthy = LastHealthy(self.divergence, cfg.train.divergence_window + cfg.train.log_interval + 1)
         self.val_loss = self.best_val_loss = None
         self.logged_loss: float | None = None  # the last train/loss logged
         self.tracker: Tracker | None = None
@@ -138,19 +132,6 @@ class Run:
         self.own_rng: dict | None = rng_state() if own_rng else None
 
     # ------------------------------------------------------------ setup
-    def _init_distributed(self) -> tuple[int, int]:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
-            return 0, 1
-        if not dist.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend)
-        rank = dist.get_rank()
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-            torch.cuda.set_device(self.device)
-        return rank, world_size
-
     def _prepare_data(self):
         # Rank 0 builds the token cache; the others wait, then read it.
         if self.is_main:
@@ -248,7 +229,7 @@ class Run:
             "scaler": self.precision.state_dict(), "sampler": self.sampler.state_dict(), "rng": rngs,
             "skipped_updates": self.skipped_updates, "wandb_id": self.tracker.wandb_id if self.tracker else None,
             "diagnostics": self.diagnostics.state_dict(), "divergence": self.divergence.state_dict(),
-            "last_healthy": self.last_healthy, "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
+            "last_healthy": self.last_healthy.row, "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
             "spike_skip": self.spike_skip.state_dict() if self.spike_skip else None,
             "data_fingerprint": self.data.fingerprint, "config": plain(self.cfg),
         }
@@ -263,7 +244,7 @@ class Run:
         self._skipped_so_far = torch.tensor(float(self.skipped_updates), device=self.device)
         self.diagnostics.load_state_dict(state["diagnostics"])
         self.divergence.load_state_dict(state["divergence"])
-        self.last_healthy, self.best_val_loss = state["last_healthy"], state["best_val_loss"]
+        self.last_healthy.row, self.best_val_loss = state["last_healthy"], state["best_val_loss"]
         # the final checkpoint's val loss is logged already: a resume that only ends the run must not log it again
         self.val_loss = state.get("val_loss")
         if self.spike_skip:
@@ -385,22 +366,11 @@ class Run:
         self.forensics.check(step, loss, grad_norm)
         if not self.divergence.update(step, loss, grad_norm):
             return False
-        self._forget_healthy_from(self.divergence.diverged_at)
+        self.last_healthy.forget_from(self.divergence.diverged_at)
         log.error(f"diverged at step {self.divergence.diverged_at}, confirmed at step {step}: train/loss={loss:.4g} "
                   f"({self.divergence.reason}; the line is {self.divergence.threshold:.3f}, "
                   f"train.divergence_window={self.divergence.window})")
         return self.train_cfg.stop_on_divergence
-
-    def _healthy(self, row: dict) -> bool:
-        return self.divergence.healthy(row["train/loss"], row["optim/grad_norm"])
-
-    def _forget_healthy_from(self, step: int) -> None:
-        """last_healthy: the last healthy step before `step`, where a divergence begins."""
-        before = [row for row in self.recent_rows if row["step"] < step and self._healthy(row)]
-        if before:
-            self.last_healthy = before[-1]
-        elif self.last_healthy.get("step", 0) >= step:  # none kept before `step`: an older one stays
-            self.last_healthy = {}
 
     def _abandon_step(self, snapshot: dict) -> None:
         """Undo a step whose update was not applied: the run stops at the previous step, as that step left it."""
@@ -445,7 +415,6 @@ class Run:
         cfg = self.train_cfg
         tokens = len(rows) * cfg.batch_size * cfg.grad_accum * self.cfg.model.block_size
         clip = cfg.grad_clip
-        diverged_at = self.divergence.diverged_at
         for i, (loss, grad_norm, skipped) in enumerate(rows):
             step = window.first_step + i + 1
             metrics = {"train/loss": loss, "optim/grad_norm": grad_norm,
@@ -467,10 +436,7 @@ class Run:
                     metrics["amp/scale"] = self.precision.scale()
             if self.tracker:
                 self.tracker.log(metrics, step)
-            row = {"step": step, **metrics}
-            self.recent_rows.append(row)
-            if (diverged_at is None or step < diverged_at) and self._healthy(row):
-                self.last_healthy = row
+            self.last_healthy.see({"step": step, **metrics})
             self.logged_loss = loss
         window.restart(self.step)
 
@@ -496,7 +462,7 @@ class Run:
         judge_end), which a run that trained on past a divergence has met already."""
         monitor = self.divergence
         if planned == "completed" and monitor.judge_end(self.step, self.skipped_updates):
-            self._forget_healthy_from(monitor.diverged_at)
+            self.last_healthy.forget_from(monitor.diverged_at)
             log.error(f"diverged at step {monitor.diverged_at}, judged at the end of the run: {monitor.reason} "
                       f"(the line is {monitor.threshold:.3f}); see the Divergence section of the README")
         return "diverged" if self.diverged_stop() or monitor.at_end else planned
@@ -519,7 +485,7 @@ class Run:
             self.save_checkpoint("diverged.pt")
         if outcome == "interrupted":
             summary["stopped_by"] = stopped_by
-        summary.update({f"last_healthy/{k}": v for k, v in self.last_healthy.items()})
+        summary.update({f"last_healthy/{k}": v for k, v in self.last_healthy.row.items()})
         summary.update({**self.diagnostics.running_metrics(), **self.forensics.summary()})
         if self.is_main:
             if self.samples_at_end(outcome):
