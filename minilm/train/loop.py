@@ -7,9 +7,9 @@
             one optimizer step of every run                          (stepper.step)
             each run: flush its metrics window when due, evaluate, checkpoint,
                       stop on a signal or a confirmed divergence       (after_step)
-            runs that ended: final evaluation, sample, summary, and they leave the stepper
+            runs that ended: final evaluation, sample, summary; they leave the stepper (end_laps)
 
-A stepper steps its runs: `Alone` (one run, minilm/train/run.py) or `Ensemble` (runs batched into one
+A stepper steps its runs: `Alone` (one run, below) or `Ensemble` (runs batched into one
 forward and backward, minilm/train/ensemble.py). One signal handler, one progress bar and one cadence
 serve every run; what a run is between steps is minilm/train/run.py, its metrics window
 minilm/train/metrics.py.
