@@ -39,7 +39,7 @@ def test_study_declares_its_report(name):
     assert set(FIGURE_METRICS) == set(FIGURES)
     swept = set(sweep_params(name))
     assert study.panel is None or study.panel in swept or study.panel.split(".")[0] in swept  # a group sweep
-    assert len(EXPECTATIONS[name]) >= 1  # its verdicts, computed from the runs (minilm/analysis/studies.py)
+    assert len(EXPECTATIONS[name]) >= 1  # its verdicts, computed from the runs (minilm/analysis/studies/)
 
 
 def one_point(name: str) -> list[str]:

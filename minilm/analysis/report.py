@@ -7,7 +7,7 @@
 The arms and their statistics are minilm/analysis/sweep.py's, the figures minilm/analysis/figures.py's.
 A canned study's runs carry its `study` node (minilm/config.py StudyConfig): the expected
 outcome and its source open report.md, followed by one verdict per expectation computed from
-the runs (minilm/analysis/studies.py). A figure without data is not drawn, and report.md says so.
+the runs (minilm/analysis/studies/). A figure without data is not drawn, and report.md says so.
 """
 
 import argparse
