@@ -5,6 +5,7 @@ import statistics
 from minilm.analysis.studies.common import (
     SAME_LOSS,
     NotMeasured,
+    difference,
     expect,
     finals,
     listing,
@@ -14,7 +15,7 @@ from minilm.analysis.studies.common import (
     sensitivity,
     values_of,
 )
-from minilm.analysis.sweep import LR_KEY, RunStats, Sweep, difference_ci
+from minilm.analysis.sweep import LR_KEY, RunStats, Sweep
 
 
 def _fp8_arms(sweep: Sweep) -> dict[str, dict]:
@@ -30,7 +31,7 @@ def _fp8_tracks(sweep: Sweep):
     base = finals(pick(sweep, **_fp8_arms(sweep)["bf16"], optim__lr=lr))
     parts, agrees, numbers = [], True, {}
     for recipe in ("tensorwise", "rowwise"):
-        diff, half = difference_ci(base, finals(pick(sweep, **_fp8_arms(sweep)[recipe], optim__lr=lr)))
+        diff, half = difference(base, finals(pick(sweep, **_fp8_arms(sweep)[recipe], optim__lr=lr)))
         within = abs(diff) <= max(half or 0.0, SAME_LOSS)
         agrees &= within
         parts.append(f"{recipe} − bf16 = {diff:+.3f}" + (f" ± {half:.3f}" if half else ""))

@@ -2,14 +2,14 @@
 
 import statistics
 
-from minilm.analysis.studies.common import NotMeasured, events, expect, finals, mean, pick, values_of
-from minilm.analysis.sweep import Sweep, difference_ci
+from minilm.analysis.studies.common import NotMeasured, difference, events, expect, finals, mean, pick, values_of
+from minilm.analysis.sweep import Sweep
 
 
 @expect("norm_placement", "post-norm ends at a higher final val loss than pre-norm")
 def _post_higher(sweep: Sweep):
     pre, post = finals(pick(sweep, model__placement="pre")), finals(pick(sweep, model__placement="post"))
-    diff, half = difference_ci(pre, post)
+    diff, half = difference(pre, post)
     if half is None:
         raise NotMeasured("fewer than two runs per placement")
     return (f"{mean(pre):.3f} (pre) vs {mean(post):.3f} (post), pooled over norm kinds: post − pre = {diff:+.3f} ± "

@@ -1,14 +1,14 @@
 """fp32, fp16 (dynamic loss scaling) and bf16, LayerNorm and RMSNorm: the same final loss (Micikevicius et al. 2018)."""
 
-from minilm.analysis.studies.common import NotMeasured, expect, finals, mean, pick
-from minilm.analysis.sweep import Sweep, arm_label, difference_ci, mean_ci
+from minilm.analysis.studies.common import NotMeasured, difference, expect, finals, interval, mean, pick
+from minilm.analysis.sweep import Sweep, arm_label
 
 
 @expect("precision_matrix", "every arm reaches the same final val loss within its seeds' 95% CI")
 def _precision_agree(sweep: Sweep):
     intervals = {}
     for arm, runs in sweep.arms.items():
-        m, half = mean_ci([r.final_val for r in runs if r.final_val is not None])
+        m, half = interval([r.final_val for r in runs if r.final_val is not None])
         if half is not None:
             intervals[arm_label(arm, sweep.keys)] = (m - half, m + half)
     if len(intervals) < 2:
@@ -40,7 +40,7 @@ def _fp16_skips(sweep: Sweep):
 def _norms_alike(sweep: Sweep):
     ln = finals(pick(sweep, norm__kind="layernorm"))
     rms = finals(pick(sweep, norm__kind="rmsnorm"))
-    diff, half = difference_ci(ln, rms)
+    diff, half = difference(ln, rms)
     if half is None:
         raise NotMeasured("fewer than two runs per norm kind")
     return (f"final val loss {mean(ln):.3f} (LayerNorm) vs {mean(rms):.3f} (RMSNorm), pooled over precisions: "

@@ -1,7 +1,7 @@
 """z-loss anchors log Z at no cost in loss (Wortsman et al. 2023)."""
 
-from minilm.analysis.studies.common import NotMeasured, expect, finals, mean, pick, values_of
-from minilm.analysis.sweep import RunStats, Sweep, difference_ci
+from minilm.analysis.studies.common import NotMeasured, difference, expect, finals, mean, pick, values_of
+from minilm.analysis.sweep import RunStats, Sweep
 
 
 def _logz(run: RunStats) -> tuple[float, float]:
@@ -32,7 +32,7 @@ def _logz_pulled(sweep: Sweep):
 def _zloss_free(sweep: Sweep):
     strongest = values_of(sweep, "optim.z_loss")[-1]
     off, on = finals(pick(sweep, optim__z_loss=0.0)), finals(pick(sweep, optim__z_loss=strongest))
-    diff, half = difference_ci(off, on)
+    diff, half = difference(off, on)
     shown = f"{diff:+.3f} ± {half:.3f} (95% CI)" if half is not None else f"{diff:+.3f} (one seed each: no CI)"
     return (f"final val loss with z-loss {strongest:g} minus without: {shown}; no cost = not significantly above 0",
             diff <= (half if half is not None else 0.0), {"difference": diff, "ci95": half})
