@@ -342,7 +342,7 @@ class DiagnosticsConfig:
 
 # The figures a study can ask its report for (minilm/analysis/figures.py draws them).
 FIGURES = ("loss_curves", "final_loss_vs_lr", "grad_norm_by_layer", "attn_logit_max", "attn_entropy", "logz",
-           "fp16_scale", "update_rms", "norm_error", "numerics")
+           "fp16_scale", "update_rms", "norm_error", "numerics", "depth_profile")
 
 
 @dataclass

@@ -20,7 +20,7 @@ FIGURE_METRICS = {"loss_curves": "train/loss", "final_loss_vs_lr": "val/loss",
                   "grad_norm_by_layer": "diag/grad_rms/L0.mlp", "attn_logit_max": "diag/attn_logit_max/L0",
                   "attn_entropy": "diag/attn_entropy/L0", "logz": "diag/logz_mean", "fp16_scale": "amp/skipped_steps",
                   "update_rms": "diag/update_rms/L0.mlp", "norm_error": "diag/norm_error/centred/1e-04",
-                  "numerics": "numerics/act_in/underflow/L0.mlp.fc"}
+                  "numerics": "numerics/act_in/underflow/L0.mlp.fc", "depth_profile": "diag/resid_var/L0"}
 
 
 def sweep_params(name: str) -> dict[str, str]:

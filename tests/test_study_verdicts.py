@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from minilm.analysis import sweep
+from minilm.analysis import figures, sweep
 from minilm.analysis.runs import RunRecord
 from minilm.analysis.studies import common, verdicts
 from tests.test_report import nested
@@ -120,6 +120,19 @@ def test_curse_of_depth_verdicts(scaling_helps):
     assert found["without LayerNorm Scaling skipping one of the deepest blocks barely moves the loss"].passed
     assert found["LayerNorm Scaling holds the growth of the residual variance down"].passed is scaling_helps
     assert found["LayerNorm Scaling gives the deepest blocks a larger share of the loss"].passed is scaling_helps
+
+
+def test_the_depth_profile_is_drawn_from_the_per_block_metrics(tmp_path):
+    def runs(at_end):
+        return [synthetic_run("curse_of_depth", 5.0, seed=seed, n_layer=3, norm__depth_scaling=scaled, at_end=at_end)
+                for scaled in (False, True) for seed in SEEDS]
+    with_data = runs({"diag/resid_var": [1, 2, 4], "diag/block_skip_dloss": [1.0, 0.5, 0.1]})
+    swept = sweep.Sweep([sweep.run_stats(r) for r in with_data], ["norm.depth_scaling"])
+    assert figures.plot_depth_profile(swept, figures.Layout.of(swept, None), tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 0
+    without = sweep.Sweep([sweep.run_stats(r) for r in runs({})], ["norm.depth_scaling"])
+    assert not figures.plot_depth_profile(without, figures.Layout.of(without, None), tmp_path / "b.png")
+    assert not (tmp_path / "b.png").exists()
 
 
 # ---------------------------------------------------------------- softcap
