@@ -355,11 +355,14 @@ class DiagnosticsConfig:
     numerics: bool = True                              # numerics/*: per-layer underflow / overflow in the run's format
     # on sampled steps: the first norm's output error on probe rows of small variance vs float64 (diag/norm_error/*)
     norm_probe: bool = False
+    # at every evaluation: the val loss with each block skipped minus the full val loss
+    # (diag/block_skip_dloss/L{i}); n_layer more evaluations each time
+    block_skip: bool = False
 
 
 # The figures a study can ask its report for (minilm/analysis/figures.py draws them).
 FIGURES = ("loss_curves", "final_loss_vs_lr", "grad_norm_by_layer", "attn_logit_max", "attn_entropy", "logz",
-           "fp16_scale", "update_rms", "norm_error", "numerics")
+           "fp16_scale", "update_rms", "norm_error", "numerics", "depth_profile")
 
 
 @dataclass
@@ -443,9 +446,22 @@ def validate(cfg) -> None:
                           "rounding is BF16AdamW's); use precision=bf16 (fp32 weights) or optim=adamw")
 
 
-def check_ensemble_launcher(n_jobs=1, max_members=None, memory_fraction=0.8, **_) -> None:
-    """hydra/launcher=ensemble's settings (hydra.launcher.*; configs/hydra/launcher/ensemble.yaml), outside the
-    job's config: checked by train.py's preflight before anything starts, and by the launcher itself."""
+@dataclass
+class EnsembleLauncherConfig:
+    """hydra/launcher=ensemble's settings (hydra.launcher.*), outside the job's config; the option file
+    configs/hydra/launcher/ensemble.yaml takes them from here. Untyped for OmegaConf, so that a bad value
+    gets check_ensemble_launcher's one-line error (train.py's preflight, before anything starts, and the
+    launcher itself)."""
+
+    _target_: str = "hydra_plugins.minilm_launchers.ensemble_launcher.EnsembleLauncher"
+    max_members: Any = None  # int: at most this many members per ensemble (None: as many as memory allows)
+    memory_fraction: Any = 0.8  # share of the device's free memory one ensemble's members may use (an estimate)
+    n_jobs: Any = 1  # int: units (ensembles, runs alone) trained at once, each in a process of its own with
+    #                  cores / n_jobs threads; > 1 also splits every group into at least n_jobs ensembles
+
+
+def check_ensemble_launcher(n_jobs, max_members, memory_fraction, **_) -> None:
+    """EnsembleLauncherConfig's values, each checked."""
 
     def integer(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
