@@ -16,7 +16,7 @@ from minilm.model import GPT
 from minilm.optim import build_optimizer, set_schedule
 from minilm.optim.muon import adjusted_lr
 from minilm.precision.policy import Precision
-from tests.helpers import losses, make_trainer, run_training
+from tests.helpers import fit_alone, losses, make_run, run_training
 
 VOCAB = 64
 
@@ -132,7 +132,7 @@ def test_muons_mup_lr_keeps_each_hidden_updates_spectral_norm_across_width(adjus
                                        (["model.n_head=3", "model.d_model=96"], "base_width=128")])
 def test_combinations_mup_does_not_cover_are_refused_in_one_line(bad, match, tmp_path):
     with pytest.raises(ConfigError, match=match) as error:
-        make_trainer(["model.parametrization=mup", *bad], tmp_path)
+        make_run(["model.parametrization=mup", *bad], tmp_path)
     assert "\n" not in str(error.value)
 
 
@@ -141,8 +141,8 @@ def test_combinations_mup_does_not_cover_are_refused_in_one_line(bad, match, tmp
 def test_mup_resumes_bitwise(arm, tmp_path):
     common = ["model.parametrization=mup", "deterministic=true", "optim.warmup_steps=0", "train.max_steps=6", *arm]
     full = run_training(common, tmp_path / "full")
-    trainer = make_trainer(common, tmp_path / "split")
-    trainer.fit(until_step=3)
+    trainer = make_run(common, tmp_path / "split")
+    fit_alone(trainer, until_step=3)
     trainer.save_checkpoint()
     trainer.close()
     assert losses(run_training(common + ["train.ckpt_interval=0"], tmp_path / "split")) == losses(full)
