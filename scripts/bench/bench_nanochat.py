@@ -47,8 +47,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-
 from bench_train import alternate, framework_steps, start_framework
+
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
 from minilm.data import TokenWindowSampler, prepare_data
 from minilm.errors import ConfigError, exit_on_input_error
@@ -107,10 +107,9 @@ class NanochatRun:
         # base_train's rule: wd x sqrt(B / B_REF) x D_REF / D, D = 12 x (block matrices + LM head) of each model
         self.weight_decay = BASE_TRAIN["weight_decay"] * math.sqrt(batch_tokens / B_REF) \
             * scaling_params(reference) / scaling_params(self.model)
-        self.optimizer = self.model.setup_optimizer(
-            unembedding_lr=BASE_TRAIN["unembedding_lr"] * multiplier, embedding_lr=BASE_TRAIN["embedding_lr"] * multiplier,
-            matrix_lr=BASE_TRAIN["matrix_lr"] * multiplier, scalar_lr=BASE_TRAIN["scalar_lr"] * multiplier,
-            weight_decay=self.weight_decay)
+        lrs = {name: BASE_TRAIN[name] * multiplier
+               for name in ("unembedding_lr", "embedding_lr", "matrix_lr", "scalar_lr")}
+        self.optimizer = self.model.setup_optimizer(**lrs, weight_decay=self.weight_decay)
 
     # base_train's schedules (get_lr_multiplier, get_muon_momentum, get_weight_decay), num_iterations = steps
     def lr_multiplier(self, it: int) -> float:
@@ -152,7 +151,8 @@ class NanochatRun:
     def evaluate(self, val_batches) -> float:
         """Mean cross-entropy over the batches, as Trainer.evaluate averages it."""
         self.model.eval()
-        total = sum(self.model(x.to(self.device).contiguous(), y.to(self.device).contiguous()).item() for x, y in val_batches)
+        on_device = ((x.to(self.device).contiguous(), y.to(self.device).contiguous()) for x, y in val_batches)
+        total = sum(self.model(x, y).item() for x, y in on_device)
         self.model.train()
         return total / len(val_batches)
 
@@ -191,7 +191,7 @@ def compare(checkout: Path, overrides: list[str], multipliers: list[float], work
         start_framework(trainer, block)
     runners = {**{n: partial(framework_steps, tr) for n, tr in trainers.items()},
                **{n: run.train for n, run in nanochat.items()}}
-    for name, run in nanochat.items():
+    for run in nanochat.values():
         run.train(block)
     load = os.getloadavg()[0]
     seconds = alternate(runners, timed, block, device)
@@ -240,10 +240,10 @@ def report(result: dict) -> str:
         lines.append(f"{name:<34} {row['val_loss']:>9.4f} {delta:>10} {row['ms_per_step']:>8.1f} {ratio:>10}")
     if best:
         modern = rows["minilm model=modern optim=muon"]
-        lines.append(f"against {best} (the best multiplier): model=modern optim=muon val loss "
-                     f"{modern['val_minus_nanochat']:+.3f} (bar: <= 0, {'met' if modern['val_minus_nanochat'] <= 0 else 'missed'}), "
-                     f"ms/step {modern['ms_over_nanochat']:.2f}x (bar: <= 1.1x, "
-                     f"{'met' if modern['ms_over_nanochat'] <= 1.1 else 'missed'}); the GPT-2 preset + AdamW "
+        quality, speed = modern["val_minus_nanochat"], modern["ms_over_nanochat"]
+        lines.append(f"against {best} (the best multiplier): model=modern optim=muon val loss {quality:+.3f} "
+                     f"(bar: <= 0, {'met' if quality <= 0 else 'missed'}), ms/step {speed:.2f}x (bar: <= 1.1x, "
+                     f"{'met' if speed <= 1.1 else 'missed'}); the GPT-2 preset + AdamW "
                      f"{rows['minilm GPT-2 preset + AdamW']['val_minus_nanochat']:+.3f}")
     return "\n".join(lines)
 
