@@ -85,7 +85,9 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, cap: float | None = None) 
     maxima, entropy, sink = [], torch.zeros((), device=q.device), torch.zeros((), device=q.device)
     for logits in causal_logit_chunks(q, k):
         maxima.append(logits.amax(dim=(0, 2, 3)))
-        p = torch.softmax(logits if cap is None else softcap(logits, cap), dim=-1)
+        if cap is not None:  # capped as attention caps them, the future masked again (tanh(-inf) = -1)
+            logits = softcap(logits, cap).masked_fill(logits == float("-inf"), float("-inf"))
+        p = torch.softmax(logits, dim=-1)
         entropy -= torch.special.xlogy(p, p).sum()  # xlogy(0, 0) = 0 on the masked entries
         sink += p[:, :, 1:, 0].sum()
     return {"head_max": torch.stack(maxima).amax(dim=0), "entropy": entropy / (B * H * T),
