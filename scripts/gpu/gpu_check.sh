@@ -31,7 +31,8 @@
 #   part 2: setup ~15 s | compiled, torch LayerNorm, diagnostics on vs off: 110 (~60 s compilation,
 #           3 x 110 steps, 2 end-of-run checkpoints of 1.5 GB) | compiled, Triton LayerNorm: 80 | eager,
 #           torch LayerNorm in bf16 and in fp8 (tensorwise): 25 each (55 steps). All four fit when
-#           compilation takes under ~60 s; otherwise the last ones are cut short or skipped. bench_train.py rewrites its JSON
+#           compilation takes under ~60 s; otherwise the last ones are cut short or skipped. Optional, with
+#           what is left: model=modern optim=muon compiled, 55 steps. bench_train.py rewrites its JSON
 #           after every measurement, so a configuration stopped at its cap keeps what it measured.
 set -uo pipefail
 OUT_ROOT=$(realpath -m "${OUT:-$(dirname "$0")/../../gpu-results}")  # before the cd: a relative OUT is the caller's
@@ -163,13 +164,14 @@ part1() {
 
 # One bench_train configuration: NAME CAP ARGS... (overrides and flags of bench_train.py).
 train_config() {
-    local name=$1 cap=$2
+    local name=$1 cap=$2 file=${1% (optional)}
     shift 2
-    local size=(model=small precision=bf16)
-    [ "$DRY_RUN" = 1 ] && size=(model=tiny model.n_layer=1 model.d_model=32 model.n_head=2 model.block_size=32
+    # model=small's shape as keys, so a configuration may choose its own model preset (model=modern)
+    local size=(model.n_layer=12 model.n_head=12 model.d_model=768 model.block_size=1024 precision=bf16)
+    [ "$DRY_RUN" = 1 ] && size=(model.n_layer=1 model.d_model=32 model.n_head=2 model.block_size=32
         train.batch_size=4 train.eval_batches=1 data.max_files=40 data.vocab_size=512 train.compile_backend=aot_eager)
     section "training: $name" "$cap" "$PART_DIR/train.log" \
-        "$PY" scripts/bench/bench_train.py "${size[@]}" "$@" --json "$PART_DIR/train_${name// /_}.json"
+        "$PY" scripts/bench/bench_train.py "${size[@]}" "$@" --json "$PART_DIR/train_${file// /_}.json"
 }
 
 part2() {
@@ -180,6 +182,11 @@ part2() {
     train_config "compile triton_layernorm" 80 train.compile=true norm=triton_layernorm "${long[@]}"
     train_config "eager layernorm" 25 norm=layernorm "${short[@]}"
     train_config "eager fp8" 25 norm=layernorm precision=fp8 "${short[@]}"  # against eager bf16 just above
+    # With what is left: today's recipe at the same shape, compiled (tokens/s and MFU against compile
+    # layernorm above; bench_train records its graph breaks and recompiles). One JSON: part 2 writes 8 files.
+    OPTIONAL=1
+    train_config "compile modern muon (optional)" 90 model=modern optim=muon train.compile=true "${short[@]}"
+    OPTIONAL=0
 }
 
 # Part 3: sweep throughput (minilm/train/ensemble.py) and CUDA graphs for a small model (train.compile_mode).
