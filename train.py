@@ -5,7 +5,7 @@
     python train.py -m norm=layernorm,rmsnorm seed=0,1,2
 
 Config lives in configs/ (Hydra) with its typed schema in minilm/config.py; minilm/launch/cli.py
-checks every job before any starts, and minilm/train/trainer.py is where a run happens.
+checks every job before any starts, and minilm/train/loop.py is where a run happens.
 """
 
 from minilm.launch.cli import main

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from minilm.errors import CheckpointError, RunDirError
+from minilm.rundir import CHECKPOINTS_DIR
 
 LAST, PREVIOUS = "last.pt", "previous.pt"
 
@@ -139,7 +140,7 @@ def candidates(source: Path) -> list[Path]:
     source = Path(source)
     if source.is_file():
         return [source]
-    return [p for p in (source / "checkpoints" / LAST, source / "checkpoints" / PREVIOUS) if p.is_file()]
+    return [p for p in (source / CHECKPOINTS_DIR / LAST, source / CHECKPOINTS_DIR / PREVIOUS) if p.is_file()]
 
 
 def load_latest(source: Path, log=print) -> tuple[dict, Path] | None:

@@ -430,9 +430,22 @@ def validate(cfg) -> None:
                           "rounding is BF16AdamW's); use precision=bf16 (fp32 weights) or optim=adamw")
 
 
-def check_ensemble_launcher(n_jobs=1, max_members=None, memory_fraction=0.8, **_) -> None:
-    """hydra/launcher=ensemble's settings (hydra.launcher.*; configs/hydra/launcher/ensemble.yaml), outside the
-    job's config: checked by train.py's preflight before anything starts, and by the launcher itself."""
+@dataclass
+class EnsembleLauncherConfig:
+    """hydra/launcher=ensemble's settings (hydra.launcher.*), outside the job's config; the option file
+    configs/hydra/launcher/ensemble.yaml takes them from here. Untyped for OmegaConf, so that a bad value
+    gets check_ensemble_launcher's one-line error (train.py's preflight, before anything starts, and the
+    launcher itself)."""
+
+    _target_: str = "hydra_plugins.minilm_launchers.ensemble_launcher.EnsembleLauncher"
+    max_members: Any = None  # int: at most this many members per ensemble (None: as many as memory allows)
+    memory_fraction: Any = 0.8  # share of the device's free memory one ensemble's members may use (an estimate)
+    n_jobs: Any = 1  # int: units (ensembles, runs alone) trained at once, each in a process of its own with
+    #                  cores / n_jobs threads; > 1 also splits every group into at least n_jobs ensembles
+
+
+def check_ensemble_launcher(n_jobs, max_members, memory_fraction, **_) -> None:
+    """EnsembleLauncherConfig's values, each checked."""
 
     def integer(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)

@@ -8,7 +8,17 @@ the run dir's config and environment under the names below.
 import json
 from pathlib import Path
 
+CONFIG_FILE = "config.yaml"  # the resolved config
+ENVIRONMENT_FILE = "environment.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
 REVISIONS_FILE = "config_revisions.yaml"  # config changes a resumed run accepted (minilm/train/lifecycle.py)
+CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = "run.lock"  # held for a run's life (minilm/train/lifecycle.py RunDirLock)
+# What a run writes in its run dir; RUN_FOLDERS are the folders among them
+RUN_FILES = (CONFIG_FILE, REVISIONS_FILE, METRICS_FILE, SUMMARY_FILE, ENVIRONMENT_FILE, CHECKPOINTS_DIR,
+             "forensics", "wandb")
+RUN_FOLDERS = (CHECKPOINTS_DIR, "forensics", "wandb")
 # the run dir's config.yaml and environment.json, as stored inside the W&B run
 WANDB_CONFIG_FILE = "minilm_config.yaml"
 WANDB_ENVIRONMENT_FILE = "minilm_environment.json"
@@ -20,7 +30,7 @@ PROBE_MEANS = {"centred": 0.0, "offset": 1.0}
 def read_metrics(run_dir: Path, warn=None) -> list[dict]:
     """The rows of a run's metrics.jsonl. A line that is not a JSON row (a last line cut short by a crash)
     is left out, the others kept; `warn`, if given, is told of each one with its file and line number."""
-    path, rows = Path(run_dir) / "metrics.jsonl", []
+    path, rows = Path(run_dir) / METRICS_FILE, []
     with open(path) as f:
         for number, line in enumerate(f, 1):
             try:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from minilm.launch.cli import compose
 from minilm.rundir import read_metrics
-from minilm.train.trainer import Trainer, train
+from minilm.train.loop import Alone, fit, train
+from minilm.train.run import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,9 +20,14 @@ def with_tiny(overrides: list[str]) -> list[str]:
     return ["size=test", *overrides]
 
 
-def make_trainer(overrides: list[str], run_dir: Path) -> Trainer:
-    """A Trainer at the test size, with no warmup (so the first steps already move the weights)."""
-    return Trainer(compose(with_tiny(["optim.warmup_steps=0", *overrides])), Path(run_dir))
+def make_run(overrides: list[str], run_dir: Path) -> Run:
+    """A Run at the test size, with no warmup (so the first steps already move the weights)."""
+    return Run(compose(with_tiny(["optim.warmup_steps=0", *overrides])), Path(run_dir))
+
+
+def fit_alone(run: Run, until_step: int | None = None) -> dict:
+    """Train `run` alone through the one loop (minilm/train/loop.py fit); its summary."""
+    return fit(Alone(run), until_step)[0]
 
 
 def run_training(overrides: list[str], run_dir: Path) -> list[dict]:
@@ -34,7 +40,7 @@ def losses(rows: list[dict]) -> list[float]:
     return [row["train/loss"] for row in rows if "train/loss" in row]
 
 
-def peek_batch(trainer: Trainer):
+def peek_batch(trainer: Run):
     """The batch the next step will train on, leaving the sampler where it was."""
     state = dict(trainer.sampler.state_dict())
     batch = trainer.sampler.next_batch()

@@ -21,7 +21,7 @@ from minilm.train.diagnostics import (
     norm_probe_errors,
     param_group,
 )
-from tests.helpers import losses, make_trainer, peek_batch, run_training
+from tests.helpers import fit_alone, losses, make_run, peek_batch, run_training
 
 N_LAYER = 2  # size=test's
 
@@ -72,7 +72,7 @@ def reference_activation_stats(model, x) -> dict:
 
 @pytest.mark.slow
 def test_activation_diagnostics_match_a_float64_reference(tmp_path):
-    trainer = make_trainer([], tmp_path)
+    trainer = make_run([], tmp_path)
     x, _ = peek_batch(trainer)
     trainer.diagnostics.observe_forward(1, x)
     got = trainer.diagnostics.collect()[1]
@@ -115,7 +115,7 @@ def test_attention_sink_and_entropy_match_a_hand_computation():
 @pytest.mark.slow
 def test_overflow_count_is_what_fp16_could_not_hold(tmp_path):
     assert beyond_fp16(torch.tensor([1.0, 65504.0, -65504.0, 65520.0, -7e4, float("inf"), float("nan")])) == 4
-    trainer = make_trainer([], tmp_path)
+    trainer = make_run([], tmp_path)
     x, _ = peek_batch(trainer)
     trainer.model.pos_emb.weight.data[5, 0] = 1e5  # rides the residual stream through every block
     trainer.diagnostics.observe_forward(1, x)
@@ -134,7 +134,7 @@ def test_param_groups_mean_something():
 
 
 def test_gradient_and_update_diagnostics_match_a_float64_reference(tmp_path):
-    trainer = make_trainer(["diagnostics.interval=1"], tmp_path)
+    trainer = make_run(["diagnostics.interval=1"], tmp_path)
     params = dict(trainer.model.named_parameters())
     grads = {}
     for name, p in params.items():  # the full (pre-clip) gradient: one micro-batch, fp32
@@ -179,9 +179,9 @@ def test_spike_score_counts_points_far_from_the_previous_window():
 
 
 def test_healthy_run_logs_scores_and_does_not_diverge(tmp_path):
-    trainer = make_trainer(["train.max_steps=11", "train.log_interval=4", "diagnostics.interval=5",
+    trainer = make_run(["train.max_steps=11", "train.log_interval=4", "diagnostics.interval=5",
                             "diagnostics.spike_window=4", "diagnostics.spike_sigma=1.5"], tmp_path)
-    summary = trainer.fit()
+    summary = fit_alone(trainer)
     assert not summary["diverged"] and summary["diverged_at_step"] is None and summary["outcome"] == "completed"
     rows = [r for r in read_metrics(tmp_path) if "train/loss" in r]
     assert [r["step"] for r in rows if "diag/attn_logit_max/L0" in r] == [1, 5, 10]
@@ -196,9 +196,9 @@ def test_healthy_run_logs_scores_and_does_not_diverge(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [True, False])
 def test_divergence_fires_on_a_learning_rate_that_certainly_diverges(stop, tmp_path):
-    trainer = make_trainer(["optim.lr=10", "train.max_steps=4", f"train.stop_on_divergence={stop}",
+    trainer = make_run(["optim.lr=10", "train.max_steps=4", f"train.stop_on_divergence={stop}",
                             "train.divergence_window=1"], tmp_path)
-    summary = trainer.fit()
+    summary = fit_alone(trainer)
     assert summary["diverged"] and 1 < summary["diverged_at_step"] <= 3  # step 1 runs at the init loss
     assert summary["outcome"] == ("diverged" if stop else "completed")
     assert summary["step"] == (summary["diverged_at_step"] if stop else 4)
@@ -228,12 +228,12 @@ def test_diagnostics_observe_without_perturbing(precision, tmp_path):
 def test_z_loss_is_logged_apart_from_the_loss_and_pulls_logz_to_zero(tmp_path):
     runs = {}
     for coefficient in (0.0, 0.1):
-        trainer = make_trainer(["train.max_steps=6", "diagnostics.interval=6", "optim.lr=3e-2",
+        trainer = make_run(["train.max_steps=6", "diagnostics.interval=6", "optim.lr=3e-2",
                                 f"optim.z_loss={coefficient}"], tmp_path / str(coefficient))
         x, y = peek_batch(trainer)
         with torch.no_grad():
             z = copy.deepcopy(trainer.model).double()(x)
-        trainer.fit()
+        fit_alone(trainer)
         runs[coefficient] = rows = [r for r in read_metrics(tmp_path / str(coefficient)) if "train/loss" in r]
         log_z = torch.logsumexp(z, dim=-1)
         assert close(rows[0]["train/loss"], (log_z - z.gather(-1, y.unsqueeze(-1)).squeeze(-1)).mean())  # CE alone
@@ -247,7 +247,7 @@ def test_z_loss_is_logged_apart_from_the_loss_and_pulls_logz_to_zero(tmp_path):
 
 @pytest.mark.slow
 def test_qk_norm_bounds_the_logged_attention_logits(tmp_path):
-    trainer = make_trainer(["model.qk_norm=true", "diagnostics.interval=1"], tmp_path)
+    trainer = make_run(["model.qk_norm=true", "diagnostics.interval=1"], tmp_path)
     trainer.train_step()
     got = trainer.diagnostics.collect()[1]
     d_head = trainer.cfg.model.d_model // trainer.cfg.model.n_head

@@ -20,10 +20,10 @@ from minilm import checkpoint
 from minilm.errors import EXIT_INPUT_ERROR
 from minilm.launch.cli import compose
 from minilm.rundir import read_metrics
-from minilm.seeding import rng_state
 from minilm.train.ensemble import Ensemble, MemberJob, ensemble_key, split, train_ensemble, unbatchable_reason
-from minilm.train.trainer import Trainer, train
-from tests.helpers import ROOT, losses, with_tiny
+from minilm.train.loop import train
+from minilm.train.run import Run
+from tests.helpers import ROOT, fit_alone, losses, with_tiny
 
 MEMBER_RTOL = 1e-5  # fp32, 10 steps: measured up to 1.6e-7
 BF16_MEMBER_RTOL = 1e-3
@@ -108,15 +108,12 @@ def test_members_draw_their_samples_as_alone(tmp_path):
     """An ensemble draws its members' end-of-run samples in one batched generation: each is what its model
     draws alone (the same weights, the same seed), at its own length, past the context (block_size 32)."""
     arms = [["seed=0", "train.sample_tokens=40"], ["seed=1", "train.sample_tokens=12", "optim.lr=1e-2"]]
-    trainers, rngs = [], []
-    for i, arm in enumerate(arms):
-        trainers.append(Trainer(config(arm), tmp_path / f"member{i}", arm))
-        rngs.append(rng_state())
-    ensemble = Ensemble(trainers, rngs)
+    trainers = [Run(config(arm), tmp_path / f"member{i}", arm, own_rng=True) for i, arm in enumerate(arms)]
+    ensemble = Ensemble(trainers)
     for _ in range(2):
         ensemble.step()
     alone = [trainer.sample() for trainer in trainers]
-    assert ensemble._samples(trainers) == alone
+    assert ensemble.samples(trainers) == alone
     assert alone[0] != alone[1] and len(trainers[0].data.encode(alone[0])) > 32
 
 
@@ -160,7 +157,7 @@ def test_each_member_logs_to_its_own_wandb_run(tmp_path, monkeypatch):
         assert len(runs) == 1 and (runs[0] / f"run-{run_id}.wandb").stat().st_size > 0
 
 
-def step_results(trainer: Trainer, result) -> tuple[float, float, float]:
+def step_results(trainer: Run, result) -> tuple[float, float, float]:
     loss, grad_norm, skipped_so_far = result
     return loss.item(), grad_norm.item(), skipped_so_far.item()
 
@@ -170,14 +167,9 @@ def step_results(trainer: Trainer, result) -> tuple[float, float, float]:
 def test_a_nonfinite_member_is_skipped_alone(precision, optim, tmp_path):
     """Poison one member's gradients at step 2: its update is skipped (fp16: its own scaler backs off), the
     other member steps as usual."""
-    trainers, rngs = [], []
-    for i in range(2):
-        trainers.append(Trainer(config([f"precision={precision}", f"optim={optim}", f"seed={i}", "train.max_steps=4"]),
-                                tmp_path / f"m{i}"))
-        rngs.append(rng_state())
-    ensemble = Ensemble(trainers, rngs)
-    for trainer in trainers:
-        trainer.start_fit()
+    trainers = [Run(config([f"precision={precision}", f"optim={optim}", f"seed={i}", "train.max_steps=4"]),
+                    tmp_path / f"m{i}", own_rng=True) for i in range(2)]
+    ensemble = Ensemble(trainers)
     ensemble.step()
     scales = [t.precision.scale() for t in trainers]
     stacked = ensemble.params["blocks.0.mlp.fc.weight"]
@@ -218,13 +210,13 @@ def test_a_member_checkpoint_resumes_in_a_run_alone(tmp_path):
     summaries = run_ensemble(arms, tmp_path)
     member = tmp_path / "member1"
     state = checkpoint.load(member / "checkpoints" / checkpoint.LAST)
-    alone = Trainer(config(arms[1] + [f"train.resume={member}"]), tmp_path / "alone")
+    alone = Run(config(arms[1] + [f"train.resume={member}"]), tmp_path / "alone")
     assert alone.step == 3
     assert state.keys() == alone.state_dict().keys()
     # the member's file holds its own weights only, not the stacked ones of every member
     weights = sum(t.numel() for t in state["model"].values() if t is not state["model"].get("lm_head.weight"))
     assert (member / "checkpoints" / checkpoint.LAST).stat().st_size < 6 * 4 * weights
-    resumed = alone.fit()  # at max_steps already: evaluates the member's weights
+    resumed = fit_alone(alone)  # at max_steps already: evaluates the member's weights
     alone.close()
     assert resumed["val/loss"] == summaries[1]["val/loss"]
     # its RNG streams are its own, as the run alone records them (not another member's)

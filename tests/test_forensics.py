@@ -10,7 +10,7 @@ from minilm import checkpoint
 from minilm.launch.replay import main as replay_main
 from minilm.rundir import read_metrics
 from minilm.seeding import torch_rng_state
-from tests.helpers import ROOT, losses, make_trainer, peek_batch
+from tests.helpers import ROOT, fit_alone, losses, make_run, peek_batch
 
 REPLAY = ROOT / "scripts" / "replay.py"
 PLANTED = "blocks.1.mlp.fc"
@@ -20,14 +20,14 @@ PLANTED = "blocks.1.mlp.fc"
 @pytest.mark.parametrize("precision, activation_hooks", [("fp32", False), ("fp16", True)])
 def test_planted_inf_is_caught_attributed_and_replayed(precision, activation_hooks, tmp_path, capsys):
     # log_interval=5: the step is checked during the next step, not at a metrics flush
-    trainer = make_trainer([f"precision={precision}", f"diagnostics.activation_hooks={activation_hooks}",
+    trainer = make_run([f"precision={precision}", f"diagnostics.activation_hooks={activation_hooks}",
                             "train.max_steps=6", "train.log_interval=5"], tmp_path)
     trainer.train_step()
     trainer.train_step()
     trainer.model.get_submodule(PLANTED).weight.data[3, 7] = float("inf")
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     batch, rng, scale = peek_batch(trainer), torch_rng_state(), trainer.precision.scale()
-    summary = trainer.fit()
+    summary = fit_alone(trainer)
 
     assert summary["diverged_at_step"] == 3 and summary["forensics/step"] == 3
     assert summary["forensics/first_nonfinite_module"] == PLANTED
@@ -54,10 +54,10 @@ def test_planted_inf_is_caught_attributed_and_replayed(precision, activation_hoo
 
 @pytest.mark.slow
 def test_replay_command_exits_0_when_reproduced_and_1_when_clean(tmp_path, capsys):
-    trainer = make_trainer(["train.max_steps=3", "train.log_interval=3"], tmp_path)
+    trainer = make_run(["train.max_steps=3", "train.log_interval=3"], tmp_path)
     trainer.train_step()
     trainer.model.get_submodule(PLANTED).weight.data[0, 0] = float("nan")
-    trainer.fit()
+    fit_alone(trainer)
     bundle_path = tmp_path / "forensics" / "step_000002.pt"
     result = subprocess.run([sys.executable, str(REPLAY), str(bundle_path)], capture_output=True, text=True,
                             timeout=300)
@@ -71,7 +71,7 @@ def test_replay_command_exits_0_when_reproduced_and_1_when_clean(tmp_path, capsy
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_nonfinite_gradient_alone_is_bundled_except_as_fp16_overflow(precision, tmp_path):
-    trainer = make_trainer([f"precision={precision}", "train.max_steps=3"], tmp_path)
+    trainer = make_run([f"precision={precision}", "train.max_steps=3"], tmp_path)
     calls = {"n": 0}
 
     def poison_second_step(grad):
@@ -79,7 +79,7 @@ def test_nonfinite_gradient_alone_is_bundled_except_as_fp16_overflow(precision, 
         return grad * float("nan") if calls["n"] == 2 else grad
 
     trainer.model.blocks[0].attn.qkv.weight.register_hook(poison_second_step)
-    summary = trainer.fit()
+    summary = fit_alone(trainer)
     assert not summary["diverged"] and len(losses(read_metrics(tmp_path))) == 3  # finite loss: training goes on
     assert summary["optim/skipped_updates"] == 1  # the guard skipped it, in every precision
     if precision == "fp32":
@@ -89,7 +89,7 @@ def test_nonfinite_gradient_alone_is_bundled_except_as_fp16_overflow(precision, 
 
 
 def test_forensics_off_writes_nothing(tmp_path):
-    trainer = make_trainer(["diagnostics=off", "train.max_steps=2"], tmp_path)
+    trainer = make_run(["diagnostics=off", "train.max_steps=2"], tmp_path)
     trainer.model.get_submodule(PLANTED).weight.data[0, 0] = float("inf")
-    summary = trainer.fit()
+    summary = fit_alone(trainer)
     assert summary["diverged"] and "forensics/step" not in summary and not (tmp_path / "forensics").exists()

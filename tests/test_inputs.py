@@ -19,7 +19,7 @@ from minilm.errors import EXIT_INPUT_ERROR
 from minilm.launch import cli, reproduce
 from minilm.launch.replay import main as replay_main
 from minilm.rundir import read_metrics
-from tests.helpers import with_tiny
+from tests.helpers import fit_alone, with_tiny
 
 PLAIN = ["logger=none", "train.max_steps=1"]
 
@@ -410,15 +410,15 @@ def test_disk_full_at_a_later_checkpoint_is_one_line_keeps_the_last_and_resumes_
 
 def test_disk_full_while_writing_metrics_is_one_line(tmp_path):
     from minilm.errors import RunDirError
-    from tests.helpers import make_trainer
+    from tests.helpers import make_run
 
-    trainer = make_trainer(["train.max_steps=3"], tmp_path)
+    trainer = make_run(["train.max_steps=3"], tmp_path)
     metrics_file = trainer.tracker._metrics_file
     full = FullDisk(metrics_file, 0)
     full.close, full.closed = metrics_file.close, False
     trainer.tracker._metrics_file = full
     with pytest.raises(RunDirError) as error:
-        trainer.fit()
+        fit_alone(trainer)
     assert "\n" not in str(error.value) and f"could not write {tmp_path / 'metrics.jsonl'}" in str(error.value)
     assert "No space left on device" in str(error.value) and metrics_file.closed
 

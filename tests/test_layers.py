@@ -3,7 +3,8 @@
 Layers (README, Architecture): the core (minilm/*.py, norms/, precision/) imports no wing;
 minilm/train/ and minilm/analysis/ import only the core (and themselves); minilm/launch/ and the
 Hydra launcher plugin may import anything. Every import counts, the ones inside functions too:
-a function-level import is how a circle hides.
+a function-level import is how a circle hides. Objects keep to their own modules: no module reaches
+into a private attribute another module defines, and no class creates an attribute outside __init__.
 """
 
 import ast
@@ -61,7 +62,7 @@ GRAPH = {module: imported_modules(module) for module in MODULES}
 
 def test_the_graph_sees_module_and_function_level_imports():
     assert "minilm.config" in GRAPH["minilm.model"]  # module level
-    assert "minilm.train.trainer" in GRAPH["minilm.launch.cli"]  # inside main()
+    assert "minilm.train.loop" in GRAPH["minilm.launch.cli"]  # inside main()
     assert set(layer(m) for m in MODULES) == set(MAY_IMPORT)
 
 
@@ -101,3 +102,79 @@ def test_no_import_circle_in_minilm_and_the_hydra_plugin():
     cycle = find_cycle(GRAPH)
     assert cycle is None, "import circle: " + " -> ".join(
         f"{a} ({MODULES[a].relative_to(ROOT)}:{GRAPH[a][b]})" for a, b in zip(cycle, cycle[1:])) + f" -> {cycle[-1]}"
+
+
+def private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def self_attributes(node: ast.AST, owner: str = "self") -> dict[str, int]:
+    """The attributes of `owner` that `node` assigns, each with the line of its first assignment."""
+    found: dict[str, int] = {}
+    for sub in ast.walk(node):
+        targets = sub.targets if isinstance(sub, ast.Assign) else \
+            [sub.target] if isinstance(sub, ast.AnnAssign | ast.AugAssign) else []
+        for target in targets:
+            for e in ast.walk(target):
+                if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and e.value.id == owner:
+                    found.setdefault(e.attr, sub.lineno)
+    return found
+
+
+def private_names(tree: ast.AST) -> set[str]:
+    """The private names a module defines: its functions, classes, globals and its objects' attributes."""
+    names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+    names |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    names |= set(self_attributes(tree)) | set(self_attributes(tree, "cls"))
+    return {name for name in names if private(name)}
+
+
+def private_reach_ins(trees: dict[str, ast.AST]) -> list[str]:
+    """`obj._name` (or an import of `_name`) in one module, where `_name` is private to another minilm module."""
+    own = {module: private_names(tree) for module, tree in trees.items()}
+    anywhere = set().union(*own.values())
+    found = []
+    for module, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in anywhere - own[module] \
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                found.append(f"{module}:{node.lineno} {ast.unparse(node)}")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGES):
+                found += [f"{module}:{node.lineno} imports {a.name}" for a in node.names if private(a.name)]
+    return found
+
+
+def attributes_outside_init(tree: ast.AST, module: str) -> list[str]:
+    """Attributes a class's methods create that neither __init__ (or __post_init__) nor the class body declares."""
+    found = []
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        declared = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+        declared |= {t.id for n in cls.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        methods = [f for f in cls.body if isinstance(f, ast.FunctionDef)]
+        for f in methods:
+            if f.name in ("__init__", "__post_init__"):
+                declared |= set(self_attributes(f))
+        found += [f"{module}:{line} {cls.name}.{f.name} creates self.{attr}"
+                  for f in methods if f.name not in ("__init__", "__post_init__")
+                  for attr, line in self_attributes(f).items() if attr not in declared]
+    return found
+
+
+TREES = {module: ast.parse(path.read_text()) for module, path in MODULES.items()}
+
+
+def test_the_object_checks_catch_a_reach_in_and_a_late_attribute():
+    other = ast.parse("class Bar:\n    def __init__(self):\n        self._bar = 1\n")
+    reaching = ast.parse("def close(trainer):\n    trainer._bar.close()\n")
+    assert private_reach_ins({"a": other, "b": reaching}) == ["b:2 trainer._bar"]
+    late = ast.parse("class Fit:\n    def __init__(self):\n        self.a = 1\n    def start(self):\n"
+                     "        self.a, self._end = 2, 3\n")
+    assert attributes_outside_init(late, "m") == ["m:5 Fit.start creates self._end"]
+
+
+def test_no_module_reaches_into_another_modules_private_attributes():
+    assert not private_reach_ins(TREES)
+
+
+def test_no_class_creates_attributes_outside_init():
+    assert not [line for module, tree in TREES.items() for line in attributes_outside_init(tree, module)]

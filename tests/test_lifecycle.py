@@ -20,9 +20,10 @@ from minilm.errors import EXIT_DIVERGED, EXIT_INPUT_ERROR, EXIT_INTERRUPTED, Con
 from minilm.launch import reproduce
 from minilm.launch.cli import compose
 from minilm.rundir import read_metrics
+from minilm.train.loop import train
+from minilm.train.run import Run
 from minilm.train.tracking import run_naming
-from minilm.train.trainer import Trainer, train
-from tests.helpers import ROOT, losses, make_trainer, run_training, train_command, with_tiny
+from tests.helpers import ROOT, fit_alone, losses, make_run, run_training, train_command, with_tiny
 
 COMMON = ["deterministic=true", "optim.warmup_steps=0", "model.dropout=0.1", "train.max_steps=12"]
 
@@ -49,8 +50,8 @@ def test_a_checkpoint_is_never_ahead_of_the_metrics_it_implies(tmp_path, monkeyp
 
 def simulate_kill(run_dir, overrides, at_step):
     """A run that dies at `at_step` without any cleanup, as under SIGKILL (rows already written stay)."""
-    trainer = make_trainer(overrides, run_dir)
-    trainer.fit(until_step=at_step)
+    trainer = make_run(overrides, run_dir)
+    fit_alone(trainer, until_step=at_step)
     trainer.tracker._metrics_file.close()  # the process is gone: nothing else is flushed or finished
 
 
@@ -91,8 +92,8 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
 
 def interrupted_run(run_dir, overrides, at_step=6):
     """A run stopped with a checkpoint at `at_step`, as a preemption leaves it."""
-    trainer = make_trainer(overrides, run_dir)
-    trainer.fit(until_step=at_step)
+    trainer = make_run(overrides, run_dir)
+    fit_alone(trainer, until_step=at_step)
     trainer.save_checkpoint()
     trainer.close()
 
@@ -103,7 +104,7 @@ def test_resume_with_a_math_change_is_refused_in_one_line(tmp_path):
     logged = (tmp_path / "config.yaml").read_text()
     for change in (["optim.lr=0.05"], ["precision=fp16"], ["train.max_steps=20"]):
         with pytest.raises(ConfigError) as error:
-            Trainer(compose(with_tiny(["optim.warmup_steps=0", *COMMON, *change])), tmp_path)
+            Run(compose(with_tiny(["optim.warmup_steps=0", *COMMON, *change])), tmp_path)
         message = str(error.value)
         assert "\n" not in message and "train.allow_config_change=true" in message
         assert change[0].split("=")[0].replace("precision", "precision.name") in message
@@ -139,14 +140,14 @@ def test_a_run_logged_before_a_key_existed_resumes_and_reproduces_with_its_defau
     interrupted_run(tmp_path / "changed", COMMON)
     forget_keys(tmp_path / "changed", ["norm.dyt_alpha"])
     with pytest.raises(ConfigError, match="norm.dyt_alpha"):  # a value other than the default is a change
-        Trainer(compose(with_tiny([*COMMON, "norm.dyt_alpha=0.7"])), tmp_path / "changed")
+        Run(compose(with_tiny([*COMMON, "norm.dyt_alpha=0.7"])), tmp_path / "changed")
 
 
 @pytest.mark.slow
 def test_resume_with_another_architecture_is_refused_even_when_changes_are_allowed(tmp_path):
     interrupted_run(tmp_path, COMMON)
     with pytest.raises(ConfigError, match="another architecture.*cannot change on resume"):
-        Trainer(compose(with_tiny([*COMMON, "model.n_layer=3", "train.allow_config_change=true"])), tmp_path)
+        Run(compose(with_tiny([*COMMON, "model.n_layer=3", "train.allow_config_change=true"])), tmp_path)
 
 
 @pytest.mark.slow
@@ -230,23 +231,23 @@ def test_divergence_stops_the_run_at_its_step_with_a_nonzero_exit(tmp_path):
 
 
 def test_a_spike_that_comes_back_is_counted_not_a_divergence(tmp_path):
-    trainer = make_trainer(["train.max_steps=8", "train.divergence_window=3", "train.log_interval=1"], tmp_path)
+    trainer = make_run(["train.max_steps=8", "train.divergence_window=3", "train.log_interval=1"], tmp_path)
     line = trainer.divergence.threshold
     fake = iter([line - 1, line + 2, line + 3, line - 0.5, line - 1, line + 1, line + 1, line + 1])
     real = trainer.scalars.record
     trainer.scalars.record = lambda step, loss, grad: real(step, loss * 0 + next(fake), grad)
-    summary = trainer.fit()
+    summary = fit_alone(trainer)
     trainer.close()
     assert summary["diverged_at_step"] == 6 and summary["outcome"] == "diverged" and summary["step"] == 8
     assert summary["spikes"] == [{"step": 2, "peak": pytest.approx(line + 3), "steps_above": 2, "recovered": True}]
 
 
 def test_a_one_step_run_completes_at_the_loss_at_init_and_diverges_only_above_the_line(tmp_path):
-    summary = make_trainer(["train.max_steps=1"], tmp_path / "default").fit()
+    summary = fit_alone(make_run(["train.max_steps=1"], tmp_path / "default"))
     assert not summary["diverged"] and summary["outcome"] == "completed"  # the margin covers the loss at init
-    trainer = make_trainer(["train.max_steps=1"], tmp_path / "low")
+    trainer = make_run(["train.max_steps=1"], tmp_path / "low")
     trainer.divergence.threshold = 0.0  # every loss is above this line
-    summary = trainer.fit()
+    summary = fit_alone(trainer)
     trainer.close()
     assert summary["outcome"] == "diverged" and summary["diverged_at_step"] == 1
     assert summary["divergence_reason"] == "its loss ended above the line" and summary["spikes"] == []
@@ -286,7 +287,7 @@ def test_last_healthy_is_a_finite_step_below_the_line(tmp_path):
 def test_a_run_whose_updates_were_mostly_skipped_did_not_complete(poisoned, outcome, tmp_path):
     """Non-finite gradients at the steps `poisoned` of 4: every such update is skipped (fp32: counted too);
     more than half skipped is a divergence, even with the loss below the line; half is not."""
-    trainer = make_trainer(["train.max_steps=4"], tmp_path)
+    trainer = make_run(["train.max_steps=4"], tmp_path)
     calls = {"n": 0}
 
     def poison(grad):
@@ -294,7 +295,7 @@ def test_a_run_whose_updates_were_mostly_skipped_did_not_complete(poisoned, outc
         return grad * float("nan") if calls["n"] in poisoned else grad
 
     trainer.model.blocks[0].attn.qkv.weight.register_hook(poison)
-    summary = trainer.fit()
+    summary = fit_alone(trainer)
     trainer.close()
     assert summary["outcome"] == outcome and summary["optim/skipped_updates"] == len(poisoned)
     assert max(losses(read_metrics(tmp_path))) < summary["divergence_line"]
@@ -465,9 +466,9 @@ def test_data_parallel_ranks_agree_on_a_stop_at_flush_boundaries_only(tmp_path, 
     boundary with a checkpoint. Collectives stand in for the second rank (this one's values)."""
     import torch.distributed as dist
 
-    from minilm.train import trainer as trainer_module
+    from minilm.train import run as run_module
 
-    trainer = make_trainer(["train.max_steps=12", "train.log_interval=5", "train.eval_interval=0",
+    trainer = make_run(["train.max_steps=12", "train.log_interval=5", "train.eval_interval=0",
                             "train.ckpt_interval=0"], tmp_path)
     trainer.world_size = 2
     agreed_at = []
@@ -476,18 +477,18 @@ def test_data_parallel_ranks_agree_on_a_stop_at_flush_boundaries_only(tmp_path, 
         if op == dist.ReduceOp.MAX:
             agreed_at.append(trainer.step)
 
-    monkeypatch.setattr(trainer_module.dist, "all_reduce", all_reduce)
-    monkeypatch.setattr(trainer_module.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None),
+    monkeypatch.setattr(run_module.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(run_module.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None),
                                                                                                    [obj] * len(out)))
     step_alone = trainer.train_step
 
     def train_step():
         if trainer.step == 6:
-            trainer.signals.received = signal.SIGTERM
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler: stop after this step
         return step_alone()
 
     trainer.train_step = train_step
-    summary = trainer.fit()
+    summary = fit_alone(trainer)
     trainer.close()
     assert agreed_at == [5, 10]
     assert summary["outcome"] == "interrupted" and summary["step"] == 10
@@ -501,7 +502,7 @@ def test_a_kill_during_the_end_of_run_sample_resumes_without_a_second_val_row(tm
         raise KeyboardInterrupt  # as a kill -9 there would: the final checkpoint and val row are written
 
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "sample", killed)
+        patch.setattr(Run, "sample", killed)
         with pytest.raises(KeyboardInterrupt):
             run_training(overrides, tmp_path)
     assert checkpoint.load(tmp_path / "checkpoints" / checkpoint.LAST)["step"] == 3

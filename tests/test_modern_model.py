@@ -17,7 +17,7 @@ from minilm.norms import NORM_KINDS, norm_unavailable_reason
 from minilm.precision.policy import Precision
 from minilm.train.diagnostics import Diagnostics
 from minilm.train.ensemble import unbatchable_reason
-from tests.helpers import losses, make_trainer, run_training
+from tests.helpers import fit_alone, losses, make_run, run_training
 
 VOCAB = 97
 
@@ -361,8 +361,8 @@ def test_every_knob_resumes_bitwise_in_every_precision(precision, tmp_path):
               *EVERY_KNOB]
     full = run_training(common, tmp_path / "full")
     assert any(name.startswith("numerics/") for row in full for name in row)  # the numerics telemetry ran
-    trainer = make_trainer(common, tmp_path / "split")
-    trainer.fit(until_step=3)
+    trainer = make_run(common, tmp_path / "split")
+    fit_alone(trainer, until_step=3)
     trainer.save_checkpoint()
     trainer.close()
     assert losses(run_training(common + ["train.ckpt_interval=0"], tmp_path / "split")) == losses(full)

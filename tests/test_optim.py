@@ -14,7 +14,7 @@ from minilm.optim import build_optimizer, lr_ratio, muon_momentum_at, parameter_
 from minilm.optim.muon import Muon, MuonAdamW, newton_schulz
 from minilm.optim.skip_step import SpikeSkip
 from minilm.precision.policy import Precision
-from tests.helpers import make_trainer
+from tests.helpers import make_run
 
 
 def flat_tensors(state) -> list[torch.Tensor]:
@@ -153,7 +153,7 @@ def test_config_refuses_what_cannot_work():
 def test_muon_trains_under_each_precision_and_skips_a_nonfinite_step_whole(precision, tmp_path):
     """One step moves every parameter; a step with an inf in an embedding gradient moves none (fp16: the
     scaler's found_inf reaches Muon too; elsewhere Precision.step's), with no host sync added."""
-    trainer = make_trainer([f"precision={precision}", "optim=muon"], tmp_path)
+    trainer = make_run([f"precision={precision}", "optim=muon"], tmp_path)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     loss, grad_norm, _ = trainer.train_step()
     assert math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
@@ -219,7 +219,7 @@ def test_skip_step_follows_olmo_cores_rule():
 @pytest.mark.parametrize("precision,optim", [("fp32", "adamw"), ("fp16", "adamw"), ("fp32", "muon"),
                                              ("fp16", "muon"), ("bf16_pure", "adamw")])
 def test_skip_step_skips_an_injected_spike_bitwise_and_nothing_else(precision, optim, tmp_path):
-    trainer = make_trainer([f"precision={precision}", f"optim={optim}", "optim.skip_spikes=true",
+    trainer = make_run([f"precision={precision}", f"optim={optim}", "optim.skip_spikes=true",
                             "optim.skip_spikes_window=20", "train.grad_clip=0"], tmp_path)
     spike_at, calls = 24, {"n": 0}
 

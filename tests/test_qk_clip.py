@@ -13,7 +13,7 @@ from minilm.launch.cli import compose
 from minilm.model import GPT, rotate
 from minilm.optim.qk_clip import QKClip
 from minilm.precision.policy import Precision
-from tests.helpers import make_trainer, peek_batch, with_tiny
+from tests.helpers import make_run, peek_batch, with_tiny
 
 ARCHITECTURES = {"mha": [], "gqa_rope": ["model.n_head=4", "model.n_kv_head=2", "model.position=rope"],
                  "rope_softcap_nobias": ["model.position=rope", "model.attn_softcap=20", "model.bias=false"]}
@@ -137,11 +137,11 @@ def test_a_training_step_clips_the_update_of_the_heads_above_tau(precision, opti
     query and key rows of the heads above tau scaled by sqrt(tau / S), and every other parameter bitwise equal.
     S, as observed on the step's batch, is the float64 reference's (to the rounding of the run's autocast)."""
     common = [f"precision={precision}", f"optim={optim}", "model.position=rope"]
-    plain = make_trainer(common, tmp_path / "plain")
+    plain = make_run(common, tmp_path / "plain")
     x, _ = peek_batch(plain)
     reference = float64_maxima(copy.deepcopy(plain.model), x).float()
     tau = tau_between(reference)
-    clipped = make_trainer([*common, f"optim.qk_clip_tau={tau}"], tmp_path / "clipped")
+    clipped = make_run([*common, f"optim.qk_clip_tau={tau}"], tmp_path / "clipped")
     seen = []
     clip = clipped.qk_clip.clip
     clipped.qk_clip.clip = lambda *args: seen.append(clipped.qk_clip.maxima.clone()) or clip(*args)

@@ -12,7 +12,7 @@ from minilm.data import TokenWindowSampler
 from minilm.launch.cli import compose
 from minilm.optim import build_optimizer
 from minilm.precision.policy import Precision
-from tests.helpers import losses, make_trainer, run_training
+from tests.helpers import fit_alone, losses, make_run, run_training
 
 PRECISIONS = ["fp32", "fp16", "bf16", "bf16_pure", "bf16_pure_nearest", "bf16_pure_kahan", "fp8", "fp8_rowwise"]
 
@@ -22,7 +22,7 @@ PRECISIONS = ["fp32", "fp16", "bf16", "bf16_pure", "bf16_pure_nearest", "bf16_pu
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "dyt"])
 @pytest.mark.parametrize("placement", ["pre", "post"])
 def test_one_step_gives_finite_loss_and_updates_every_parameter(placement, norm, precision, tmp_path):
-    trainer = make_trainer([f"model.placement={placement}", f"norm={norm}", f"precision={precision}",
+    trainer = make_run([f"model.placement={placement}", f"norm={norm}", f"precision={precision}",
                             "optim.warmup_steps=0", "optim.lr=1e-2"], tmp_path)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     loss, grad_norm, _ = trainer.train_step()
@@ -73,8 +73,8 @@ def test_resume_equals_uninterrupted(precision, arm, tmp_path):
               f"train.max_steps={steps}", "train.grad_accum=2", *arm]
     full = run_training(common, tmp_path / "full")
     # stop after `split` steps with a checkpoint (as a preemption does), then resume in the same run dir
-    trainer = make_trainer(common, tmp_path / "split")
-    trainer.fit(until_step=split)
+    trainer = make_run(common, tmp_path / "split")
+    fit_alone(trainer, until_step=split)
     trainer.save_checkpoint()
     trainer.close()
     rows = run_training(common + ["train.ckpt_interval=0"], tmp_path / "split")
@@ -90,7 +90,7 @@ def test_resume_equals_uninterrupted(precision, arm, tmp_path):
 
 
 def test_fp16_scaler_skips_an_injected_inf_and_recovers(tmp_path):
-    trainer = make_trainer(["precision=fp16", "optim.warmup_steps=0", "train.max_steps=4"], tmp_path)
+    trainer = make_run(["precision=fp16", "optim.warmup_steps=0", "train.max_steps=4"], tmp_path)
     weight = trainer.model.blocks[0].mlp.fc.weight
     calls = {"n": 0}
 
@@ -113,7 +113,7 @@ def test_fp16_scaler_skips_an_injected_inf_and_recovers(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_nonfinite_gradient_never_reaches_weights_without_scaler(precision, tmp_path):
-    trainer = make_trainer([f"precision={precision}", "optim.warmup_steps=0"], tmp_path)
+    trainer = make_run([f"precision={precision}", "optim.warmup_steps=0"], tmp_path)
     trainer.model.blocks[0].attn.qkv.weight.register_hook(lambda g: g * float("nan"))
     snapshot = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train_step()
@@ -122,9 +122,9 @@ def test_nonfinite_gradient_never_reaches_weights_without_scaler(precision, tmp_
 
 @pytest.mark.slow
 def test_nonfinite_loss_stops_the_run_with_a_record(tmp_path):
-    trainer = make_trainer(["train.max_steps=20", "train.log_interval=5"], tmp_path)
+    trainer = make_run(["train.max_steps=20", "train.log_interval=5"], tmp_path)
     trainer.model.blocks[0].mlp.fc.weight.data[0, 0] = float("inf")  # poison: the forward turns nan
-    summary = trainer.fit()
+    summary = fit_alone(trainer)
     trainer.close()
     assert summary["diverged"] and summary["diverged_at_step"] == 1 and summary["outcome"] == "diverged"
     assert summary["step"] == 1  # stopped at the step it happened, not at the next metrics flush
@@ -222,9 +222,9 @@ def test_deterministic_mode_follows_the_config_both_ways():
 
 @pytest.mark.parametrize("seed", [1_764_770_000_123_456_789, 2**70 + 5])  # `seed=$(date +%s%N)`, and beyond 64 bits
 def test_any_seed_the_schema_allows_trains_and_samples(seed, tmp_path):
-    trainer = make_trainer([f"seed={seed}", "train.max_steps=2", "train.sample_tokens=3",
+    trainer = make_run([f"seed={seed}", "train.max_steps=2", "train.sample_tokens=3",
                             "precision=bf16_pure"], tmp_path)  # bf16_pure: its stochastic rounding is seeded too
-    summary = trainer.fit()
+    summary = fit_alone(trainer)
     trainer.close()
     assert summary["outcome"] == "completed" and summary["sample"].startswith("def")
     tokens = trainer.data.train

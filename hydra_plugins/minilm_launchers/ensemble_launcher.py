@@ -39,7 +39,7 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's j
 
 
 class EnsembleLauncher(Launcher):
-    def __init__(self, max_members: int | None = None, memory_fraction: float = 0.8, n_jobs: int = 1) -> None:
+    def __init__(self, max_members, memory_fraction, n_jobs) -> None:  # minilm.config.EnsembleLauncherConfig
         check_ensemble_launcher(n_jobs, max_members, memory_fraction)
         self.max_members, self.memory_fraction, self.n_jobs = max_members, memory_fraction, n_jobs
         self.config: DictConfig | None = None
@@ -209,7 +209,7 @@ def _log_to(members, log_name: str | None):
 
 
 def _worker_setup(threads: int) -> None:
-    """A unit's process: its share of the cores, Ctrl-C as the trainer handles it, logs as Hydra writes them."""
+    """A unit's process: its share of the cores, Ctrl-C as a run handles it, logs as Hydra writes them."""
     import torch
 
     torch.set_num_threads(threads)
@@ -222,7 +222,7 @@ def _train_unit(members: list, log_name: str | None, label: str) -> list[dict]:
     Returns the summaries in order."""
     from minilm.train.ensemble import train_ensemble
     from minilm.train.lifecycle import run_dirs_held
-    from minilm.train.trainer import train
+    from minilm.train.loop import train
 
     # held before the log file opens: nothing is written in a run dir that another run holds
     with run_dirs_held(members), _log_to(members, log_name):

@@ -18,7 +18,16 @@ from pathlib import Path
 import yaml
 
 from minilm.errors import SourceError
-from minilm.rundir import REVISIONS_FILE, WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE, read_metrics
+from minilm.rundir import (
+    CONFIG_FILE,
+    ENVIRONMENT_FILE,
+    METRICS_FILE,
+    REVISIONS_FILE,
+    SUMMARY_FILE,
+    WANDB_CONFIG_FILE,
+    WANDB_ENVIRONMENT_FILE,
+    read_metrics,
+)
 
 log = logging.getLogger("minilm")
 
@@ -58,11 +67,11 @@ def _json(path: Path) -> dict:
 
 def load_run_dir(path: Path) -> RunRecord:
     path = Path(path)
-    if not (path / "config.yaml").exists():
+    if not (path / CONFIG_FILE).exists():
         raise SourceError(f"{path} is not a run dir: it has no config.yaml")
-    rows = read_metrics(path, warn=log.warning) if (path / "metrics.jsonl").exists() else None
-    return RunRecord(str(path), _parsed(path / "config.yaml", dict, None), _json(path / "environment.json"), rows,
-                     _json(path / "summary.json"), _parsed(path / REVISIONS_FILE, list, []))
+    rows = read_metrics(path, warn=log.warning) if (path / METRICS_FILE).exists() else None
+    return RunRecord(str(path), _parsed(path / CONFIG_FILE, dict, None), _json(path / ENVIRONMENT_FILE), rows,
+                     _json(path / SUMMARY_FILE), _parsed(path / REVISIONS_FILE, list, []))
 
 
 def load_wandb_run_dir(path: Path) -> RunRecord:
@@ -72,9 +81,9 @@ def load_wandb_run_dir(path: Path) -> RunRecord:
     if not (files / WANDB_CONFIG_FILE).exists():
         raise SourceError(f"{path} is not a W&B run dir of this project: it has no files/{WANDB_CONFIG_FILE}")
     run_dir = path.parent.parent  # <run dir>/wandb/<this>
-    has_rows = path.parent.name == "wandb" and (run_dir / "metrics.jsonl").exists()
+    has_rows = path.parent.name == "wandb" and (run_dir / METRICS_FILE).exists()
     rows = read_metrics(run_dir, warn=log.warning) if has_rows else None
-    summary = _json(run_dir / "summary.json") if rows is not None else _json(files / "wandb-summary.json")
+    summary = _json(run_dir / SUMMARY_FILE) if rows is not None else _json(files / "wandb-summary.json")
     return RunRecord(str(path), _parsed(files / WANDB_CONFIG_FILE, dict, None), _json(files / WANDB_ENVIRONMENT_FILE),
                      rows, summary)
 
@@ -82,8 +91,8 @@ def load_wandb_run_dir(path: Path) -> RunRecord:
 def find_run_dirs(root: Path) -> list[Path]:
     """Every run dir under `root` (itself included), in path order; W&B's own dirs are skipped."""
     root = Path(root)
-    found = [p.parent for p in root.rglob("metrics.jsonl") if "wandb" not in p.relative_to(root).parts]
-    return sorted(p for p in found if (p / "config.yaml").exists())
+    found = [p.parent for p in root.rglob(METRICS_FILE) if "wandb" not in p.relative_to(root).parts]
+    return sorted(p for p in found if (p / CONFIG_FILE).exists())
 
 
 # ---------------------------------------------------------------- W&B API
@@ -148,7 +157,7 @@ def fetch_wandb_runs(project: str, group: str | None = None) -> list[RunRecord]:
 def load_run(source: str) -> RunRecord:
     """One run from a run dir, a local W&B run dir or a W&B run path entity/project/run_id."""
     path = Path(source)
-    if (path / "config.yaml").exists():
+    if (path / CONFIG_FILE).exists():
         return load_run_dir(path)
     if (path / "files").is_dir():
         return load_wandb_run_dir(path)

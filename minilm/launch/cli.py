@@ -33,7 +33,15 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
-from minilm.config import Config, check_ensemble_launcher, check_runnable, resolve_device, schema_field, validate
+from minilm.config import (
+    Config,
+    EnsembleLauncherConfig,
+    check_ensemble_launcher,
+    check_runnable,
+    resolve_device,
+    schema_field,
+    validate,
+)
 from minilm.errors import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, MinilmError, RunDirError, input_errors
 from minilm.launch.jobs import exit_code, job_result, record_outcome, threads_per_job
 
@@ -43,6 +51,7 @@ MAX_PREFLIGHT_JOBS = 256
 _HYDRA_FLAGS = {"-m", "--multirun"}
 
 ConfigStore.instance().store(name="minilm_schema", node=Config)
+ConfigStore.instance().store(group="hydra/launcher", name="ensemble_schema", node=EnsembleLauncherConfig)
 # Multirun job dirs are named after their overrides (configs/hydra/default.yaml); clipping keeps a long
 # command line under the filesystem's 255-byte name limit (the job number keeps names unique).
 OmegaConf.register_new_resolver(
@@ -278,7 +287,7 @@ def share_cores(hydra_cfg) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
 def _hydra_main(cfg) -> float:
-    from minilm.train.trainer import train
+    from minilm.train.loop import train
 
     hydra_cfg = HydraConfig.get()
     share_cores(hydra_cfg)

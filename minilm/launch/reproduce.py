@@ -49,9 +49,10 @@ from minilm.data import corpus_fingerprint, load_corpus
 from minilm.environment import environment_record, git_commit
 from minilm.errors import CheckpointError, MinilmError, exit_on_input_error
 from minilm.launch.cli import compose, one_line
-from minilm.rundir import flatten, read_metrics
+from minilm.rundir import CHECKPOINTS_DIR, CONFIG_FILE, flatten, read_metrics
 from minilm.train.lifecycle import RunDirLock, apply_revisions, math_changes
-from minilm.train.trainer import Trainer
+from minilm.train.loop import Alone, fit
+from minilm.train.run import Run
 
 EXIT_PASS, EXIT_FAIL = 0, 1
 MACHINE_KEYS = ("paths.",)  # where this machine keeps things: never taken from the log
@@ -152,8 +153,8 @@ def lineage(record: RunRecord) -> list[tuple[RunRecord, int]]:
     if not fork:
         return [(record, 0)]
     source = Path(fork["checkpoint"])
-    parent = source.parent.parent if source.parent.name == "checkpoints" else source.parent
-    if not (parent / "config.yaml").is_file():
+    parent = source.parent.parent if source.parent.name == CHECKPOINTS_DIR else source.parent
+    if not (parent / CONFIG_FILE).is_file():
         raise Refused(f"{record.name} was forked from {source} at step {fork['step']}, and its parent run dir "
                       f"{parent} is not here (no config.yaml): put the parent back at that path to replay it first, "
                       f"or reproduce the parent alone")
@@ -211,9 +212,9 @@ def segments(runs: list[tuple[RunRecord, int]], overrides: list[str]) -> list[tu
     return plan
 
 
-def train_segments(plan: list[tuple[int, object]], out: Path, until: int | None, label: str) -> tuple[dict, Trainer]:
+def train_segments(plan: list[tuple[int, object]], out: Path, until: int | None, label: str) -> tuple[dict, Run]:
     """Train each config up to the step the next took effect (or `until`); returns the last summary and
-    trainer (still open: the caller closes it)."""
+    run (still open: the caller closes it)."""
     if until is not None:  # --verify N: the stretches up to step N
         plan = [(start, cfg) for start, cfg in plan if start < until]
     for i, (_start, cfg) in enumerate(plan):
@@ -221,12 +222,12 @@ def train_segments(plan: list[tuple[int, object]], out: Path, until: int | None,
             cfg.logger.name, cfg.logger.group = f"reproduce {label}", "reproductions"
         cfg.train.allow_config_change = i > 0  # a revision: the next config continues the same run
         stop = plan[i + 1][0] if i + 1 < len(plan) else until
-        trainer = Trainer(cfg, out, [f"reproduce={label}"])
-        summary = trainer.fit(until_step=stop)
+        run = Run(cfg, out, [f"reproduce={label}"])
+        [summary] = fit(Alone(run), until_step=stop)
         if i + 1 < len(plan):
-            trainer.save_checkpoint()
-            trainer.close()
-    return summary, trainer
+            run.save_checkpoint()
+            run.close()
+    return summary, run
 
 
 def bitwise_expected(cfg, record: RunRecord) -> bool:
@@ -239,7 +240,7 @@ def bitwise_expected(cfg, record: RunRecord) -> bool:
     return bool(cfg.deterministic) and members == 1
 
 
-def verify(trainer: Trainer, out: Path, source: str, logged: list[float], bitwise: bool, rtol: float) -> int:
+def verify(run: Run, out: Path, source: str, logged: list[float], bitwise: bool, rtol: float) -> int:
     series = {row["step"]: row["train/loss"] for row in read_metrics(out) if "train/loss" in row}
     reproduced = [float(series.get(step, math.nan)) for step in range(1, len(logged) + 1)]
     print(f"{'step':>5}  {'logged':>22}  {'reproduced':>22}  {'rel. diff':>9}")
@@ -254,7 +255,7 @@ def verify(trainer: Trainer, out: Path, source: str, logged: list[float], bitwis
         verdict = "FAIL"
         line = (f"FAIL: step {bad} differs: logged {logged[bad - 1]!r}, reproduced {reproduced[bad - 1]!r} "
                 f"(required: {rule})")
-    trainer.tracker.summary({"reproduce/source": source, "reproduce/verify": verdict, "reproduce/steps": len(logged)})
+    run.tracker.summary({"reproduce/source": source, "reproduce/verify": verdict, "reproduce/steps": len(logged)})
     print(line)
     return EXIT_PASS if bad is None else EXIT_FAIL
 
@@ -292,15 +293,15 @@ def run(argv: list[str] | None = None) -> int:
     print(f"reproducing {record.name}{parents}{revisions} in {out}")
     label = Path(record.name).name
     with RunDirLock(out):
-        summary, trainer = train_segments(plan, out, args.verify, label)
+        summary, reproduction = train_segments(plan, out, args.verify, label)
         try:
             if logged is not None:
                 bitwise = bitwise_expected(cfg, record)
-                return verify(trainer, out, record.name, logged, bitwise=bitwise, rtol=args.rtol)
+                return verify(reproduction, out, record.name, logged, bitwise=bitwise, rtol=args.rtol)
             print(f"done: outcome {summary['outcome']}, val/loss {summary['val/loss']}")
             return EXIT_PASS
         finally:
-            trainer.close()
+            reproduction.close()
 
 
 def main(argv: list[str] | None = None) -> int:

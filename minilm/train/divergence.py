@@ -17,6 +17,7 @@ only on a non-finite loss or gradient, or a loss at init above the line.
 """
 
 import math
+from collections import deque
 
 MOSTLY_SKIPPED = 0.5  # a finished run that skipped more than this fraction of its updates has diverged
 
@@ -99,3 +100,31 @@ class DivergenceMonitor:
         # checkpoints written before the end-of-run rules lack these
         self.reason, self.at_end = state.get("reason"), state.get("at_end", False)
         self._first_skipped = state.get("first_skipped")
+
+
+class LastHealthy:
+    """The last healthy logged row before a divergence begins (summary.json's last_healthy/*). Rows are seen
+    as they are logged; a divergence confirmed later, beginning at a step logged already, takes it back to
+    the last healthy row before that step (`forget_from`), among the `keep` most recent."""
+
+    def __init__(self, monitor: DivergenceMonitor, keep: int):
+        self.monitor = monitor
+        self.row: dict = {}
+        self.recent: deque = deque(maxlen=keep)
+
+    def healthy(self, row: dict) -> bool:
+        return self.monitor.healthy(row["train/loss"], row["optim/grad_norm"])
+
+    def see(self, row: dict) -> None:
+        self.recent.append(row)
+        diverged_at = self.monitor.diverged_at
+        if (diverged_at is None or row["step"] < diverged_at) and self.healthy(row):
+            self.row = row
+
+    def forget_from(self, step: int) -> None:
+        """The last healthy row before `step`, where a divergence begins."""
+        before = [row for row in self.recent if row["step"] < step and self.healthy(row)]
+        if before:
+            self.row = before[-1]
+        elif self.row.get("step", 0) >= step:  # none kept before `step`: an older one stays
+            self.row = {}

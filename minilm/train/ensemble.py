@@ -4,13 +4,13 @@ Runs that differ only in what is per run — seed, optimizer scalars (learning r
 betas, z-loss weight), gradient clipping, divergence rule, diagnostics, cadences, logging — train together:
 their parameters are stacked along a leading member dimension and one forward and one backward
 (`torch.func.vmap` over `torch.func.functional_call` of the same `GPT`, so the model code is the one in
-model.py) serve all members. Everything else is each member's own `Trainer`, through the same code as a
-run made alone (trainer.py: `begin_step` / `micro_batch` / `finish_step`, `start_fit` / `after_step` /
-`end_fit`): its run dir, metrics.jsonl, checkpoints, W&B run, config and environment record, data order
-(its own sampler and seed), learning-rate schedule, optimizer (its own AdamW, or Muon + AdamW, with its
-own scalars), gradient clipping, fp16 loss scaler (its own found-inf), diagnostics, forensics and divergence
-monitor. Each member's parameters are views into the stacked tensors, so its model, optimizer and
-checkpoint are exactly those of a solo run (a solo Trainer resumes a member's checkpoint, and
+model.py) serve all members. Everything else is each member's own `Run`, through the same code as a run made
+alone (run.py: `begin_step` / `micro_batch` / `finish_step`; the one loop, loop.py `fit`, drives an `Ensemble`
+as it drives a run `Alone`): its run dir, metrics.jsonl, checkpoints, W&B run, config and environment record,
+data order (its own sampler and seed), learning-rate schedule, optimizer (its own AdamW, or Muon + AdamW, with
+its own scalars), gradient clipping, fp16 loss scaler (its own found-inf), diagnostics, forensics, divergence
+monitor and RNG streams (`Run.acting`). Each member's parameters are views into the stacked tensors, so its
+model, optimizer and checkpoint are exactly those of a solo run (a solo Run resumes a member's checkpoint, and
 `minilm-reproduce` repeats a member alone).
 
 Members that complete together draw their end-of-run samples in one batched generation (a forward per
@@ -39,17 +39,15 @@ from pathlib import Path
 
 import torch
 from torch.func import functional_call, vmap
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from minilm.data import prepare_data
 from minilm.model import lm_loss
 from minilm.norms import norm_spec
 from minilm.rundir import flatten
-from minilm.seeding import rng_state, set_rng_state, torch_rng_state
-from minilm.train.build import compile_mode
-from minilm.train.lifecycle import RunDir, StopSignals, plain, run_dirs_held
-from minilm.train.trainer import Trainer, samples
+from minilm.train.build import compiled
+from minilm.train.lifecycle import RunDir, plain, run_dirs_held
+from minilm.train.loop import StepResult, fit
+from minilm.train.run import Run, samples
 
 log = logging.getLogger("minilm")
 
@@ -122,7 +120,7 @@ def no_batching_rule_warning():
 
 @dataclass
 class MemberJob:
-    """One run of an ensemble: what `trainer.train` takes for a run made alone."""
+    """One run of an ensemble: what `loop.train` takes for a run made alone."""
 
     cfg: object
     run_dir: Path
@@ -131,144 +129,92 @@ class MemberJob:
 
 
 class Ensemble:
-    """Member Trainers whose parameters are stacked, stepped together."""
+    """The stepper of member runs whose parameters are stacked (each made with `own_rng`): one batched forward
+    and backward for all, everything else each member's own."""
 
-    def __init__(self, trainers: list[Trainer], rngs: list[dict]):
-        self.members, self.rngs = list(trainers), list(rngs)
-        first = trainers[0]
-        self.precision, self.accum, self.cfg = first.precision, first.cfg.train.grad_accum, first.cfg
-        self.signals = StopSignals()
-        for trainer in trainers:
-            trainer.signals = self.signals  # one Ctrl-C stops every member after the same step
-            trainer.rng_snapshot = partial(self._member_rng, trainer)
+    def __init__(self, runs: list[Run]):
+        self.runs = list(runs)
+        first = runs[0]
+        self.precision, self.accum = first.precision, first.cfg.train.grad_accum
+        self.detect_anomaly = first.cfg.detect_anomaly
+        self.named: list[list] = []
+        self.params: dict[str, torch.Tensor] = {}
         self._restack()
-        forward = vmap(self._member_forward)
-        if self.cfg.train.compile:
-            forward = torch.compile(forward, backend=self.cfg.train.compile_backend, mode=compile_mode(self.cfg))
-        self.forward = forward
+        self.forward = compiled(vmap(self._member_forward), first.cfg)
 
     def _member_forward(self, params: dict, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.members[0].model, params, (x,))
+        return functional_call(self.runs[0].model, params, (x,))
 
     def _restack(self) -> None:
         """Stack the members' parameters, and make each member's parameters views into the stack."""
-        self.named = [list(trainer.model.named_parameters()) for trainer in self.members]  # tied weights once
+        self.named = [list(run.model.named_parameters()) for run in self.runs]  # tied weights once
         self.params = {name: torch.stack([dict(named)[name].detach() for named in self.named]).requires_grad_()
                        for name, _ in self.named[0]}
         for i, named in enumerate(self.named):
             for name, p in named:
                 p.data = self.params[name].detach()[i]
 
-    @contextmanager
-    def _own_rng(self, i: int):
-        """Member i's torch RNG streams while acting for it (what its replay bundles record; a step never
-        draws from python's or numpy's, which its checkpoints take from `_member_rng`). Microseconds."""
-        set_rng_state({k: v for k, v in self.rngs[i].items() if k in ("torch", "cuda")})
-        try:
-            yield
-        finally:
-            self.rngs[i] = {**self.rngs[i], **torch_rng_state()}
-
-    def _member_rng(self, trainer: Trainer) -> dict:
-        """A member's every RNG state, for its checkpoint: called while its torch streams are in place."""
-        return {**self.rngs[self.members.index(trainer)], **torch_rng_state()}
-
-    def step(self) -> list:
+    def step(self) -> list[StepResult]:
         """One optimizer step of every member; each member's result as its train_step returns it."""
-        members, device = self.members, self.members[0].device
-        ce = [torch.zeros((), device=device) for _ in members]
-        z = [torch.zeros((), device=device) for _ in members]
-        for i, trainer in enumerate(members):
-            with self._own_rng(i):
-                trainer.begin_step()
-        anomaly = torch.autograd.detect_anomaly() if self.cfg.detect_anomaly else nullcontext()
+        runs, device = self.runs, self.runs[0].device
+        ce = [torch.zeros((), device=device) for _ in runs]
+        z = [torch.zeros((), device=device) for _ in runs]
+        for run in runs:
+            with run.acting():
+                run.begin_step()
+        anomaly = torch.autograd.detect_anomaly() if self.detect_anomaly else nullcontext()
         for micro in range(self.accum):
             batches = []
-            for i, trainer in enumerate(members):
-                with self._own_rng(i):
-                    batches.append(trainer.micro_batch(micro))
+            for run in runs:
+                with run.acting():
+                    batches.append(run.micro_batch(micro))
             x, y = (torch.stack(parts) for parts in zip(*batches))
             with anomaly:
                 with self.precision.autocast(), no_batching_rule_warning():
                     logits = self.forward(self.params, x)
                 scaled = []
-                for i, (trainer, member_logits, targets) in enumerate(zip(members, logits.unbind(0), y.unbind(0))):
-                    parts = lm_loss(member_logits, targets, trainer.optim_cfg.z_loss)
-                    scaled.append(trainer.precision.scale_loss(parts.loss / self.accum))  # as Precision.backward
+                for i, (run, member_logits, targets) in enumerate(zip(runs, logits.unbind(0), y.unbind(0))):
+                    parts = lm_loss(member_logits, targets, run.optim_cfg.z_loss)
+                    scaled.append(run.precision.scale_loss(parts.loss / self.accum))  # as Precision.backward
                     ce[i] += parts.ce.detach()
                     z[i] += parts.z_term.detach()
                 torch.stack(scaled).sum().backward()  # each member's loss gets gradient 1, as alone
         results = []
-        for i, (trainer, named) in enumerate(zip(members, self.named)):
+        for i, (run, named) in enumerate(zip(runs, self.named)):
             for name, p in named:
                 p.grad = self.params[name].grad[i]
-            with self._own_rng(i):
-                results.append(trainer.finish_step(ce[i], z[i]))
+            with run.acting():
+                results.append(run.finish_step(ce[i], z[i]))
         for stacked in self.params.values():
             stacked.grad = None
         return results
 
-    def _samples(self, trainers: list[Trainer]) -> list[str]:
-        """The end-of-run samples of these members, as each draws it alone (minilm.train.trainer.samples), one batched
-        forward per token for all of them (a sample costs a forward per token: hundreds of tiny ones)."""
-        rows = torch.tensor([self.members.index(trainer) for trainer in trainers], device=self.members[0].device)
+    def samples(self, runs: list[Run]) -> list[str]:
+        """The end-of-run samples of these members, as each draws it alone (minilm.train.run.samples), one
+        batched forward per token for all of them (a sample costs a forward per token: hundreds of tiny ones)."""
+        rows = torch.tensor([self.runs.index(run) for run in runs], device=self.runs[0].device)
         params = {name: stacked.detach().index_select(0, rows) for name, stacked in self.params.items()}
-        model = self.members[0].model
+        model = self.runs[0].model
         model.eval()
         with self.precision.autocast(), no_batching_rule_warning():
-            texts = samples(trainers, partial(vmap(self._member_forward), params))
+            texts = samples(runs, partial(vmap(self._member_forward), params))
         model.train()
         return texts
 
-    def fit(self) -> None:
-        """Train every member to its end; each member's summary is in its `summary` (and its run dir)."""
-        for trainer in self.members:
-            trainer.start_fit()
-        done = [i for i, trainer in enumerate(self.members) if not trainer.running()]
-        self._end_members(done)
-        first = min((t.step for t in self.members), default=0)
-        bar = tqdm(total=max((t.cfg.train.max_steps for t in self.members), default=0), initial=first,
-                   dynamic_ncols=True, mininterval=1.0, desc=f"ensemble of {len(self.members)}")
-        logging.captureWarnings(True)
-        try:
-            with self.signals, logging_redirect_tqdm():
-                while self.members:
-                    results = self.step()
-                    done = []
-                    for i, (trainer, result) in enumerate(zip(self.members, results)):
-                        with self._own_rng(i):
-                            if trainer.after_step(result) or not trainer.running():
-                                done.append(i)
-                    bar.update(1)
-                    bar.set_postfix(members=len(self.members) - len(done))
-                    self._end_members(done)
-        finally:
-            bar.close()
-            logging.captureWarnings(False)
-
-    def _end_members(self, done: list[int]) -> None:
-        """End the members at `done` (summary, W&B finished) and restack the others without them."""
-        if not done:
-            return
-        sampling = [self.members[i] for i in done if self.members[i].samples_at_end()]
-        texts = dict(zip(sampling, self._samples(sampling))) if sampling else {}
-        for i in done:
-            trainer = self.members[i]
-            with self._own_rng(i):
-                trainer.flush_pending()
-                trainer._bar.close()
-                trainer.end_fit(texts.get(trainer))
-            trainer.close()
-        self.members = [t for i, t in enumerate(self.members) if i not in done]
-        self.rngs = [r for i, r in enumerate(self.rngs) if i not in done]
-        if self.members:
+    def drop(self, runs: list[Run]) -> None:
+        """These members ended: each is closed (W&B finished, its closing line), the others are restacked
+        without them."""
+        for run in runs:
+            run.close()
+        self.runs = [run for run in self.runs if run not in runs]
+        if self.runs:
             self._restack()
 
 
 def train_ensemble(jobs: list[MemberJob], label: str = "") -> list[dict]:
     """Train `jobs` (runs an ensemble can batch: equal `ensemble_key`) as one ensemble and return their
     summaries, in order. A run that already finished in its run dir is not trained again, as with
-    trainer.train; every member is closed (W&B finished, closing line) whatever happens."""
+    loop.train; every member is closed (W&B finished, closing line) whatever happens."""
     with run_dirs_held(jobs):
         return _train_ensemble_locked(jobs, label)
 
@@ -286,24 +232,20 @@ def _train_ensemble_locked(jobs: list[MemberJob], label: str) -> list[dict]:
         return summaries
     first = jobs[todo[0]].cfg
     data = prepare_data(first.data, first.paths.cache_dir, log=log.info)  # once for every member
-    trainers: list[Trainer] = []
+    runs: list[Run] = []
     run_dirs = [str(jobs[i].run_dir) for i in todo]
     try:
-        rngs = []
         for k, i in enumerate(todo):
             job = jobs[i]
             record = {"ensemble": {"members": len(todo), "member": k, "run_dirs": run_dirs}}
-            trainer = Trainer(job.cfg, job.run_dir, job.overrides, job.choices, data=data, environment=record)
-            trainer.show_progress, trainer.log_prefix = False, f"[{label}member {k}] "
-            trainers.append(trainer)
-            rngs.append(rng_state())  # the streams its seeding left, as a run alone has them after __init__
-        Ensemble(trainers, rngs).fit()
+            runs.append(Run(job.cfg, job.run_dir, job.overrides, job.choices, data=data, environment=record,
+                            name=f"[{label}member {k}] ", own_rng=True))
+        for i, summary in zip(todo, fit(Ensemble(runs))):
+            summaries[i] = summary
     except BaseException as error:
-        for trainer in trainers:
-            if trainer.summary is None:
-                trainer.fail(error)
-                trainer.close()
+        for run in runs:
+            if run.summary is None:
+                run.fail(error)
+                run.close()
         raise
-    for i, trainer in zip(todo, trainers):
-        summaries[i] = trainer.summary
     return summaries

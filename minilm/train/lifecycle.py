@@ -31,7 +31,16 @@ from omegaconf import OmegaConf
 
 from minilm.config import default_of, schema_field
 from minilm.errors import ConfigError, RunDirError
-from minilm.rundir import REVISIONS_FILE, flatten
+from minilm.rundir import (
+    CONFIG_FILE,
+    ENVIRONMENT_FILE,
+    LOCK_FILE,
+    REVISIONS_FILE,
+    RUN_FILES,
+    RUN_FOLDERS,
+    SUMMARY_FILE,
+    flatten,
+)
 
 log = logging.getLogger("minilm")
 FINISHED = ("completed", "diverged")
@@ -44,11 +53,6 @@ BOOKKEEPING_KEYS = {
     "train.compile_backend", "train.compile_mode", "train.stop_on_divergence", "train.divergence_margin",
     "train.divergence_window", "device", "detect_anomaly", "data.num_proc",
 }
-# What a run writes in its run dir; RUN_FOLDERS are the folders among them
-RUN_FILES = ("config.yaml", REVISIONS_FILE, "metrics.jsonl", "summary.json", "environment.json", "checkpoints",
-             "forensics", "wandb")
-RUN_FOLDERS = ("checkpoints", "forensics", "wandb")
-LOCK_FILE = "run.lock"
 
 
 def logged_default(key: str):
@@ -216,14 +220,14 @@ class RunDir:
 
     def logged_config(self) -> dict | None:
         """The config the run dir's run trains with now: config.yaml with its revisions applied."""
-        config = self._read("config.yaml", yaml.safe_load)
+        config = self._read(CONFIG_FILE, yaml.safe_load)
         return apply_revisions(config, self.revisions) if config else None
 
     def summary(self) -> dict | None:
-        return self._read("summary.json", json.loads)
+        return self._read(SUMMARY_FILE, json.loads)
 
     def wandb_id(self) -> str | None:
-        return (self._read("environment.json", json.loads) or {}).get("wandb_run_id")
+        return (self._read(ENVIRONMENT_FILE, json.loads) or {}).get("wandb_run_id")
 
     def finished_summary(self, cfg) -> dict | None:
         """The summary of a run that already finished here with this config, which is then not trained again

@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from minilm.errors import RunDirError
-from minilm.rundir import read_metrics
+from minilm.rundir import METRICS_FILE, SUMMARY_FILE, read_metrics
 
 WANDB_HOST = "api.wandb.ai"
 REACHABILITY_TIMEOUT_S = 3.0
@@ -125,11 +125,11 @@ class Tracker:
     def __init__(self, run_dir: Path, logger_cfg, config: dict, overrides: list[str], start_step: int = 0,
                  resume_id: str | None = None, choices: dict | None = None):
         self.run_dir = Path(run_dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / METRICS_FILE
         dropped = repair_metrics(self.metrics_path, start_step)
         if dropped:
             log.info(f"metrics.jsonl: dropped {dropped} row(s) after step {start_step}, which this run recomputes")
-        summary_path = self.run_dir / "summary.json"
+        summary_path = self.run_dir / SUMMARY_FILE
         self._summary: dict = json.loads(summary_path.read_text()) if start_step and summary_path.exists() else {}
         # kept open for the run; line-buffered, so every row reaches the OS as it is logged
         self._metrics_file = open(self.metrics_path, "a", buffering=1)  # noqa: SIM115
@@ -220,7 +220,7 @@ class Tracker:
         tmp = self.run_dir / "summary.json.tmp"
         try:
             tmp.write_text(json.dumps(self._summary, indent=1))
-            os.replace(tmp, self.run_dir / "summary.json")
+            os.replace(tmp, self.run_dir / SUMMARY_FILE)
         except OSError:
             tmp.unlink(missing_ok=True)
             raise

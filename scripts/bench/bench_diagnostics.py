@@ -3,7 +3,7 @@
     python scripts/bench/bench_diagnostics.py                      # default config
     python scripts/bench/bench_diagnostics.py model=small precision=bf16 --rounds 10
 
-One Trainer runs four kinds of step in turn, step by step, so that load from anything else
+One run runs four kinds of step in turn, step by step, so that load from anything else
 on the machine falls on all of them alike:
 
     bare       diagnostics.interval=0, forensics off
@@ -33,13 +33,13 @@ import torch
 
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
 from minilm.launch.cli import compose
-from minilm.train.trainer import Trainer
+from minilm.train.run import Run
 
 # (diagnostics interval, forensics, numerics telemetry)
 KINDS = {"bare": (0, False, False), "forensics": (0, True, False), "diag": (1, True, False), "sampled": (1, True, True)}
 
 
-def timed_step(trainer: Trainer) -> float:
+def timed_step(trainer: Run) -> float:
     if trainer.device.type == "cuda":
         torch.cuda.synchronize(trainer.device)
     start = time.perf_counter()
@@ -62,7 +62,7 @@ def main() -> None:
     cfg = compose([*args.overrides, f"train.max_steps={steps}", "logger=none", "optim.warmup_steps=0"])
     times: dict[str, list[float]] = {kind: [] for kind in KINDS}
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, Path(run_dir))
+        trainer = Run(cfg, Path(run_dir))
         numerics = trainer.numerics
         for _ in range(args.warmup):
             timed_step(trainer)

@@ -7,10 +7,10 @@ ensemble, and of one run at M times the batch.
 Three kinds of step, timed in turn, one of each per round in a shuffled order (so that load from
 anything else on the machine falls on all of them alike), through the code a sweep runs:
 
-    alone     Trainer.train_step of one run
+    alone     Run.train_step of one run
     ensemble  Ensemble.step of M runs (minilm/train/ensemble.py: vmap forward and backward, each member's
               own optimizer, clipping and bookkeeping), per member
-    folded    Trainer.train_step of one run at train.batch_size x M, per M: the same tokens in one
+    folded    Run.train_step of one run at train.batch_size x M, per M: the same tokens in one
               model, which no ensemble can beat (it also shares the weights, so M runs' matmuls become
               M times larger ones, and pays the optimizer and bookkeeping once)
 
@@ -31,9 +31,8 @@ import torch
 
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
 from minilm.launch.cli import compose
-from minilm.seeding import rng_state
 from minilm.train.ensemble import Ensemble
-from minilm.train.trainer import Trainer
+from minilm.train.run import Run
 
 DEFAULT = ["size=tiny", "diagnostics=off"]
 
@@ -62,14 +61,12 @@ def main() -> None:
                  "train.eval_interval=0", "train.ckpt_interval=0"]
     cfg = compose(overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        alone = Trainer(cfg, Path(tmp, "alone"))
-        members, rngs = [], []
-        for i in range(args.members):
-            members.append(Trainer(compose([*overrides, f"seed={i}"]), Path(tmp, f"member{i}")))
-            rngs.append(rng_state())
-        ensemble = Ensemble(members, rngs)
-        folded = Trainer(compose([*overrides, f"train.batch_size={cfg.train.batch_size * args.members}"]),
-                         Path(tmp, "folded"))
+        alone = Run(cfg, Path(tmp, "alone"))
+        members = [Run(compose([*overrides, f"seed={i}"]), Path(tmp, f"member{i}"), own_rng=True)
+                   for i in range(args.members)]
+        ensemble = Ensemble(members)
+        folded = Run(compose([*overrides, f"train.batch_size={cfg.train.batch_size * args.members}"]),
+                     Path(tmp, "folded"))
         kinds = {"alone": alone.train_step, "ensemble": ensemble.step, "folded": folded.train_step}
         for step in kinds.values():
             for _ in range(args.warmup):

@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 
 from minilm.launch.cli import compose
 from minilm.model import GPT, lm_loss
+from minilm.optim import build_optimizer
 from minilm.precision.policy import Precision
-from minilm.train.trainer import build_optimizer
 
 
 def build(overrides: list[str], device: torch.device):

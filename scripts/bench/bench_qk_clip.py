@@ -20,7 +20,7 @@ from bench_diagnostics import timed_step  # scripts/bench/ is on the path when r
 
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
 from minilm.launch.cli import compose
-from minilm.train.trainer import Trainer
+from minilm.train.run import Run
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
                    "optim.qk_clip_tau=1e30"])
     times: dict[str, list[float]] = {"clip": [], "plain": []}
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, Path(run_dir))
+        trainer = Run(cfg, Path(run_dir))
         clip = trainer.qk_clip
         for _ in range(args.warmup):
             timed_step(trainer)

@@ -5,17 +5,17 @@
     python scripts/bench/bench_train.py model=small precision=bf16 --diagnostics-cost   # diagnostics on vs off
     python scripts/bench/bench_train.py --versus norm=dyt        # another config's step time over this one's
 
-Runs the real Trainer (each step exactly as Trainer.fit runs it: logging, diagnostics, forensics, evaluation
-and checkpoints at their intervals) and a bare loop over the same model, optimizer, precision, batches and
-math (forward, backward, clip, step: nothing else), in alternating blocks of train.log_interval steps (one
-flush window each), so that load from elsewhere on the machine falls on both alike; `--repeats` such
-measurements keep the best of each. Prints tokens/s, step time, the framework's overhead over the bare loop,
-and on CUDA the peak memory and MFU. With --diagnostics-cost a second Trainer with diagnostics=off takes
-its turn in every round: the diagnostics' cost is on / off - 1, and the framework's overhead without them
-is off / bare - 1; --versus OVERRIDES does the same for any overrides on top (`versus_over_base`: its
-step time over the first config's, both timed in the same rounds). With train.compile=true it counts
-Dynamo's graph breaks and recompiles during the first Trainer run (the steps a user's run takes),
-and reports how long the first step took (mostly compilation).
+Runs a real Run (each step exactly as the loop, minilm/train/loop.py fit, runs it: logging, diagnostics,
+forensics, evaluation and checkpoints at their intervals) and a bare loop over the same model, optimizer,
+precision, batches and math (forward, backward, clip, step: nothing else), in alternating blocks of
+train.log_interval steps (one flush window each), so that load from elsewhere on the machine falls on both
+alike; `--repeats` such measurements keep the best of each. Prints tokens/s, step time, the framework's
+overhead over the bare loop, and on CUDA the peak memory and MFU. With --diagnostics-cost a second Run with
+diagnostics=off takes its turn in every round: the diagnostics' cost is on / off - 1, and the framework's
+overhead without them is off / bare - 1; --versus OVERRIDES does the same for any overrides on top
+(`versus_over_base`: its step time over the first config's, both timed in the same rounds). With
+train.compile=true it counts Dynamo's graph breaks and recompiles during the first run (the steps a user's run
+takes), and reports how long the first step took (mostly compilation).
 
 MFU = achieved model FLOP/s / the bf16 matmul rate measured on this device in the same
 run (an 8192^3 matmul, before training). --json is rewritten after every measurement, so a
@@ -37,7 +37,9 @@ from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
 from minilm.launch.cli import compose
 from minilm.model import lm_loss
 from minilm.optim import build_optimizer, set_schedule
-from minilm.train.trainer import Trainer
+from minilm.train.lifecycle import StopSignals
+from minilm.train.loop import Alone, after_step, fit, lap
+from minilm.train.run import Run
 
 
 def sync(device: torch.device) -> None:
@@ -45,7 +47,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def flops_per_token(trainer: Trainer) -> float:
+def flops_per_token(trainer: Run) -> float:
     """6 N + 12 n_layer T d: N counts every matmul weight, the LM head included (tied to the token embedding
     or not, it is a vocab x d_model matmul); the embedding lookups are no matmul and not counted."""
     m, model = trainer.cfg.model, trainer.model
@@ -68,23 +70,24 @@ def measured_matmul_flops(device: torch.device, n: int = 8192, reps: int = 10) -
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def start_framework(trainer: Trainer, warmup: int) -> float:
-    """Train the first `warmup` steps through Trainer.fit; returns the first step's seconds (compilation
-    included). The trainer is then ready for `framework_steps`."""
-    trainer.show_progress = False  # the benchmark prints its own lines
+def start_framework(trainer: Run, warmup: int) -> float:
+    """Train the first `warmup` steps through the loop's fit (no progress bar: the benchmark prints its own
+    lines); returns the first step's seconds (compilation included). The run is then ready for
+    `framework_steps`."""
     start = time.perf_counter()
-    trainer.fit(until_step=1)
+    fit(Alone(trainer), until_step=1, progress=False)
     sync(trainer.device)
     first = time.perf_counter() - start
-    trainer.fit(until_step=warmup)
-    trainer.start_fit()
+    fit(Alone(trainer), until_step=warmup, progress=False)
     return first
 
 
-def framework_steps(trainer: Trainer, n: int) -> None:
-    """n steps of exactly what Trainer.fit does per step (the step, flushes, evaluation, checkpoints)."""
+def framework_steps(trainer: Run, n: int) -> None:
+    """n steps of exactly what the loop's fit does per step (the step, then minilm/train/loop.py after_step:
+    flushes, evaluation, checkpoints), without its start and end of a run."""
+    course, signals = lap(trainer, None), StopSignals()
     for _ in range(n):
-        trainer.after_step(trainer.train_step())
+        after_step(course, trainer.train_step(), signals, print)
 
 
 def compile_counts() -> dict:
@@ -105,7 +108,7 @@ def clear_compile_counts() -> None:
     clear_compilation_metrics()
 
 
-def bare_loop(trainer: Trainer):
+def bare_loop(trainer: Run):
     """A function running n steps of the same model, optimizer, precision, batches and math (clipping
     included, as nanoGPT clips) with nothing else around them: no metrics, divergence checks, forensics,
     diagnostics or progress bar."""
@@ -154,9 +157,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="framework / bare-loop pairs; the best of each is kept")
     compared = parser.add_mutually_exclusive_group()
     compared.add_argument("--diagnostics-cost", action="store_true",
-                          help="also time the Trainer with diagnostics=off in every repeat")
+                          help="also time the run with diagnostics=off in every repeat")
     compared.add_argument("--versus", nargs="+", metavar="OVERRIDE", default=[],
-                          help="also time a Trainer with these overrides on top in every repeat, e.g. norm=dyt")
+                          help="also time a run with these overrides on top in every repeat, e.g. norm=dyt")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     cap_onednn_isa_if_amx_is_broken()
@@ -219,7 +222,7 @@ def main() -> None:
 
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory() as run_dir, tempfile.TemporaryDirectory() as versus_dir:
-            trainer = Trainer(cfg, Path(run_dir))
+            trainer = Run(cfg, Path(run_dir))
             device = trainer.device
             if device.type == "cuda" and "matmul_flops" not in measured:
                 measured["matmul_flops"] = measured_matmul_flops(device)
@@ -230,7 +233,7 @@ def main() -> None:
                 measured.update(first_step_s=first_step_s, compile=compile_counts() if cfg.train.compile else None)
             runners = {"framework": partial(framework_steps, trainer)}
             if cfg_versus is not None:
-                trainer_versus = Trainer(cfg_versus, Path(versus_dir))
+                trainer_versus = Run(cfg_versus, Path(versus_dir))
                 start_framework(trainer_versus, args.warmup)
                 runners["versus"] = partial(framework_steps, trainer_versus)
             bare = bare_loop(trainer)

@@ -134,7 +134,7 @@ SMOKE = {
         "import datasets; datasets.disable_progress_bars(); "
         "datasets.Dataset.from_dict({'text': ['a b']}).map(lambda row: {'n': len(row['text'])})",
     "tokenizers": "import tokenizers",
-    "minilm (trainer, Triton ops)": "import minilm.train.trainer, minilm.norms.triton_ops",
+    "minilm (training loop, Triton ops)": "import minilm.train.loop, minilm.norms.triton_ops",
     "pytest, scipy, matplotlib (test collection)": "import pytest, scipy.stats, minilm.analysis.report",
     "torchao (the fp8 precision)": "import torchao.float8",
 }

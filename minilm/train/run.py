@@ -1,10 +1,14 @@
-"""The training loop: step, clip, guard, evaluate, checkpoint, resume, and how a run ends.
+"""One run: its state, resume, checkpoints, the step in parts, and how it ends.
+
+The loop that drives it is minilm/train/loop.py (`fit`, for one run or the members of a batched
+ensemble); this file is what a run is between its steps and within one.
 
 One optimizer step = `grad_accum` micro-batches of forward + scaled backward, then unscale,
 global-norm clip (the pre-clip norm is logged), and an update that is skipped on device when
 any gradient is non-finite (see precision.py). The host fetches metrics only every
-`log_interval` steps; each step's loss is also read one step late (lifecycle.StepScalars), so
-divergence is caught at the step it is confirmed without stalling the device.
+`log_interval` steps (minilm/train/metrics.py); each step's loss is also read one step late
+(lifecycle.StepScalars), so divergence is caught at the step it is confirmed without stalling
+the device.
 
 How a run ends (summary.json `outcome`, the process exit code in minilm/errors.py):
     completed    max_steps reached, the last loss below the divergence line and at most half of
@@ -24,22 +28,15 @@ Distributed data parallel: launched with torchrun, each rank trains on its own d
 every global batch; rank 0 alone logs and writes checkpoints.
 """
 
-import gc
 import json
 import logging
 import math
-import os
-import time
-from collections import deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from minilm import checkpoint
 from minilm.config import check_runnable, resolve_device, validate
@@ -52,13 +49,14 @@ from minilm.optim.qk_clip import QKClip
 from minilm.optim.skip_step import SpikeSkip
 from minilm.precision.bf16_pure import bytes_per_param
 from minilm.precision.policy import Precision
-from minilm.rundir import WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE
+from minilm.rundir import CHECKPOINTS_DIR, CONFIG_FILE, ENVIRONMENT_FILE, WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE
 from minilm.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, torch_rng_state, torch_seed
-from minilm.train.build import build_model, compile_mode
+from minilm.train.build import build_model, init_distributed, rank0s, wrap_model
 from minilm.train.diagnostics import Diagnostics, peak_memory_mb
-from minilm.train.divergence import DivergenceMonitor
+from minilm.train.divergence import DivergenceMonitor, LastHealthy
 from minilm.train.forensics import Forensics
-from minilm.train.lifecycle import RunDir, RunDirLock, StepScalars, StopSignals, check_architecture, check_resume, plain
+from minilm.train.lifecycle import RunDir, StepScalars, check_architecture, check_resume, plain
+from minilm.train.metrics import MetricsWindow
 from minilm.train.numerics import NumericsCollector
 from minilm.train.tracking import Tracker
 
@@ -70,12 +68,14 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
     return sum(3 * p.numel() * 4 for p in model.parameters()) + (1 << 20)
 
 
-class Trainer:
+class Run:
     """One run. `data`: token data already prepared for this config's data section (an ensemble's members
-    share one); `environment`: extra entries for environment.json (e.g. the ensemble a member trained in)."""
+    share one); `environment`: extra entries for environment.json (e.g. the ensemble a member trained in);
+    `name`: how its log lines name it (an ensemble's member); `own_rng`: keep its RNG streams apart from the
+    process's, for a run that shares the process with others (an ensemble's member, see `acting`)."""
 
     def __init__(self, cfg, run_dir: Path, overrides: list[str] = (), choices: dict | None = None,
-                 data=None, environment: dict | None = None):
+                 data=None, environment: dict | None = None, name: str = "", own_rng: bool = False):
         validate(cfg)  # every config error surfaces before any work
         self.cfg, self.overrides, self.choices = cfg, list(overrides), choices or {}
         # plain copies for what every step reads: an OmegaConf attribute read costs microseconds
@@ -83,12 +83,9 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         check_runnable(cfg, self.device)
         set_deterministic(cfg.deterministic)  # before CUDA initializes
-        self.rank, self.world_size = self._init_distributed()
+        self.rank, self.world_size, self.device = init_distributed(self.device)
         self.is_main = self.rank == 0
-        if self.world_size > 1:  # ranks may disagree on a timestamped dir: rank 0's is the run's
-            shared = [str(run_dir)]
-            dist.broadcast_object_list(shared, src=0)
-            run_dir = shared[0]
+        run_dir = rank0s(run_dir, self.world_size)  # ranks may disagree on a timestamped dir: rank 0's is the run's
         self.run = RunDir(run_dir) if self.is_main else None
         self.run_dir = Path(run_dir)
         if self.is_main and str(cfg.train.resume) == "none":
@@ -108,7 +105,7 @@ class Trainer:
                                           self.rank, self.world_size)
         self.val_batches = eval_batches(self.data.val, cfg.model.block_size, cfg.train.batch_size,
                                         cfg.train.eval_batches)
-        self.train_model = self._wrap_model()
+        self.train_model = wrap_model(self.model, cfg, self.device, self.world_size)
         self.diagnostics = Diagnostics(self.model, self.precision, cfg.diagnostics, enabled=self.is_main)
         self.numerics = (NumericsCollector(self.model, self.precision.name)
                          if cfg.diagnostics.numerics and self.diagnostics.interval else None)
@@ -118,16 +115,14 @@ class Trainer:
         self.divergence = DivergenceMonitor(math.log(self.data.vocab_size) + cfg.train.divergence_margin,
                                             cfg.train.divergence_window)
         self.scalars = StepScalars()
-        self.signals = StopSignals()
         self.step = self.skipped_updates = 0  # updates skipped for a non-finite gradient, as of the last flush
         self._skipped_so_far = torch.zeros((), device=self.device)  # the same count on the device, every step
-        self.last_healthy: dict = {}
-        self.recent_rows: deque = deque(maxlen=cfg.train.divergence_window + cfg.train.log_interval + 1)
+        self.last_healthy = LastHealthy(self.divergence, cfg.train.divergence_window + cfg.train.log_interval + 1)
         self.val_loss = self.best_val_loss = None
+        self.logged_loss: float | None = None  # the last train/loss logged
         self.tracker: Tracker | None = None
         self.summary: dict | None = None
-        self.show_progress, self.log_prefix = True, ""  # an ensemble shows one bar, and names its members
-        self.rng_snapshot = rng_state  # every RNG's state, as checkpoints record it (an ensemble member: its own)
+        self.name = name
         self._in_flight: dict | None = None  # the step between begin_step and finish_step
         seed_everything(cfg.seed + self.rank)  # per-rank stream for dropout and sampling
 
@@ -135,21 +130,10 @@ class Trainer:
         if self.is_main:
             self._check_free_space()
             self._start_tracking(resumed, environment or {})
+        # a run sharing the process: its every RNG's state as its seeding (or resume) left it, for `acting`
+        self.own_rng: dict | None = rng_state() if own_rng else None
 
     # ------------------------------------------------------------ setup
-    def _init_distributed(self) -> tuple[int, int]:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
-            return 0, 1
-        if not dist.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend)
-        rank = dist.get_rank()
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-            torch.cuda.set_device(self.device)
-        return rank, world_size
-
     def _prepare_data(self):
         # Rank 0 builds the token cache; the others wait, then read it.
         if self.is_main:
@@ -157,15 +141,6 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
         return data if self.is_main else prepare_data(self.cfg.data, self.cfg.paths.cache_dir, log=log.info)
-
-    def _wrap_model(self) -> torch.nn.Module:
-        model = self.model
-        if self.world_size > 1:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=device_ids)
-        if self.cfg.train.compile:
-            model = torch.compile(model, backend=self.cfg.train.compile_backend, mode=compile_mode(self.cfg))
-        return model
 
     def _resume(self) -> dict | None:
         """Load the checkpoint to continue from, after checking it fits this run; returns what was resumed."""
@@ -205,8 +180,8 @@ class Trainer:
 
     def _start_tracking(self, resumed: dict | None, extra: dict) -> None:
         config = plain(self.cfg)
-        if not (self.run_dir / "config.yaml").exists():
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+        if not (self.run_dir / CONFIG_FILE).exists():
+            (self.run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
         in_place = resumed is None or resumed["in_place"]
         wandb_id = (resumed or {}).get("wandb_id") if resumed else self.run.wandb_id()
         self.tracker = Tracker(self.run_dir, self.cfg.logger, config, self.overrides,
@@ -217,11 +192,35 @@ class Trainer:
                       world_size=self.world_size, precision=self.precision.describe(), **extra)
         if resumed and not resumed["in_place"]:
             record["resumed_from"] = {"checkpoint": resumed["path"], "step": resumed["step"]}
-        (self.run_dir / "environment.json").write_text(json.dumps(record, indent=1))
-        self.tracker.save_file(self.run_dir / "config.yaml", WANDB_CONFIG_FILE)
-        self.tracker.save_file(self.run_dir / "environment.json", WANDB_ENVIRONMENT_FILE)
+        (self.run_dir / ENVIRONMENT_FILE).write_text(json.dumps(record, indent=1))
+        self.tracker.save_file(self.run_dir / CONFIG_FILE, WANDB_CONFIG_FILE)
+        self.tracker.save_file(self.run_dir / ENVIRONMENT_FILE, WANDB_ENVIRONMENT_FILE)
+
+    # ------------------------------------------------------------ RNG streams
+    def rng_snapshot(self) -> dict:
+        """Every RNG's state, as checkpoints record it: the process's, or this run's own (`own_rng`)."""
+        return rng_state() if self.own_rng is None else {**self.own_rng, **torch_rng_state()}
+
+    @contextmanager
+    def acting(self):
+        """This run's torch RNG streams in place while acting for it (a run with `own_rng`; otherwise the
+        process's are its own). A step never draws from python's or numpy's, which its checkpoints take from
+        `own_rng`. Microseconds."""
+        if self.own_rng is None:
+            yield
+            return
+        set_rng_state({k: v for k, v in self.own_rng.items() if k in ("torch", "cuda")})
+        try:
+            yield
+        finally:
+            self.own_rng = {**self.own_rng, **torch_rng_state()}
 
     # ------------------------------------------------------------ checkpoints
+    def should_checkpoint(self) -> bool:
+        """Whether the step just taken writes checkpoints/last.pt: every train.ckpt_interval steps and at the end."""
+        interval = self.train_cfg.ckpt_interval
+        return bool(interval and self.step % interval == 0) or self.step == self.train_cfg.max_steps
+
     def state_dict(self) -> dict:
         rngs = [self.rng_snapshot()]
         if self.world_size > 1:
@@ -232,7 +231,7 @@ class Trainer:
             "scaler": self.precision.state_dict(), "sampler": self.sampler.state_dict(), "rng": rngs,
             "skipped_updates": self.skipped_updates, "wandb_id": self.tracker.wandb_id if self.tracker else None,
             "diagnostics": self.diagnostics.state_dict(), "divergence": self.divergence.state_dict(),
-            "last_healthy": self.last_healthy, "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
+            "last_healthy": self.last_healthy.row, "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
             "spike_skip": self.spike_skip.state_dict() if self.spike_skip else None,
             "data_fingerprint": self.data.fingerprint, "config": plain(self.cfg),
         }
@@ -247,7 +246,7 @@ class Trainer:
         self._skipped_so_far = torch.tensor(float(self.skipped_updates), device=self.device)
         self.diagnostics.load_state_dict(state["diagnostics"])
         self.divergence.load_state_dict(state["divergence"])
-        self.last_healthy, self.best_val_loss = state["last_healthy"], state["best_val_loss"]
+        self.last_healthy.row, self.best_val_loss = state["last_healthy"], state["best_val_loss"]
         # the final checkpoint's val loss is logged already: a resume that only ends the run must not log it again
         self.val_loss = state.get("val_loss")
         if self.spike_skip:
@@ -258,7 +257,7 @@ class Trainer:
     def save_checkpoint(self, name: str = checkpoint.LAST) -> None:
         state = self.state_dict()  # every rank joins the RNG gather
         if self.is_main:
-            checkpoint.save_atomic(state, self.run_dir / "checkpoints" / name, keep_previous=name == checkpoint.LAST)
+            checkpoint.save_atomic(state, self.run_dir / CHECKPOINTS_DIR / name, keep_previous=name == checkpoint.LAST)
 
     # ------------------------------------------------------------ steps
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,8 +295,10 @@ class Trainer:
             z_total += parts.z_term.detach()
         return self.finish_step(ce_total, z_total)
 
-    # A step in three parts, so that an ensemble (minilm/train/ensemble.py) runs the forward and backward of all
-    # its members at once and everything around it through the same code as a run made alone.
+    # A step in parts, so that an ensemble (minilm/train/ensemble.py) runs the forward and backward of all
+    # its members at once and everything around it through the same code as a run made alone:
+    #   begin_step, micro_batch (each micro-batch), [forward + backward], finish_step =
+    #   settle the previous step, clip, update, after_update, record.
     def begin_step(self) -> None:
         """Start a step: its learning rate, what it takes to abandon or replay it, whether it is sampled."""
         step = self.step + 1  # as logged
@@ -343,11 +344,9 @@ class Trainer:
             skip = self.spike_skip.decide(mean_ce, grad_norm)
             self.diagnostics.record(step, {"optim/skipped_spikes": self.spike_skip.skipped.clone()})
         self._skipped_so_far = self._skipped_so_far + self.precision.step(self.optimizer, grad_norm, skip)
-        if self.qk_clip:
+        if self.qk_clip:  # only where the update was applied, before anything looks at the updated weights
             self.diagnostics.record(step, self.qk_clip.clip(grad_norm, skip))
-        if sampled:
-            self.diagnostics.observe_update(step)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.after_update(step, sampled)
         self.step += 1
         self.forensics.end_step()
         self.scalars.record(step, mean_ce, grad_norm)
@@ -355,6 +354,13 @@ class Trainer:
             self.diagnostics.record(step, {"train/z_loss": z_total / accum})
         self._in_flight = None
         return mean_ce, grad_norm, self._skipped_so_far
+
+    def after_update(self, step: int, sampled: bool) -> None:
+        """Right after the optimizer's update of `step` (applied or skipped on device): what looks at or
+        adjusts the updated weights goes here, before the gradients are dropped."""
+        if sampled:
+            self.diagnostics.observe_update(step)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _settle_previous_step(self) -> bool:
         """Read the last finished step's loss on the host: forensics and divergence look at it.
@@ -366,22 +372,11 @@ class Trainer:
         self.forensics.check(step, loss, grad_norm)
         if not self.divergence.update(step, loss, grad_norm):
             return False
-        self._forget_healthy_from(self.divergence.diverged_at)
+        self.last_healthy.forget_from(self.divergence.diverged_at)
         log.error(f"diverged at step {self.divergence.diverged_at}, confirmed at step {step}: train/loss={loss:.4g} "
                   f"({self.divergence.reason}; the line is {self.divergence.threshold:.3f}, "
                   f"train.divergence_window={self.divergence.window})")
         return self.train_cfg.stop_on_divergence
-
-    def _healthy(self, row: dict) -> bool:
-        return self.divergence.healthy(row["train/loss"], row["optim/grad_norm"])
-
-    def _forget_healthy_from(self, step: int) -> None:
-        """last_healthy: the last healthy step before `step`, where a divergence begins."""
-        before = [row for row in self.recent_rows if row["step"] < step and self._healthy(row)]
-        if before:
-            self.last_healthy = before[-1]
-        elif self.last_healthy.get("step", 0) >= step:  # none kept before `step`: an older one stays
-            self.last_healthy = {}
 
     def _abandon_step(self, snapshot: dict) -> None:
         """Undo a step whose update was not applied: the run stops at the previous step, as that step left it."""
@@ -403,19 +398,31 @@ class Trainer:
         self.model.train()
         return (total / len(self.val_batches)).item()
 
-    # ------------------------------------------------------------ the loop
-    def _flush(self, pending: list, first_step: int, window_start: float) -> None:
-        """Fetch the pending per-step metrics in one host sync and log them."""
+    def should_evaluate(self) -> bool:
+        """Whether the step just taken is evaluated: every train.eval_interval steps and at the end."""
+        interval = self.train_cfg.eval_interval
+        return bool(interval and self.step % interval == 0) or self.step == self.train_cfg.max_steps
+
+    def evaluate_and_log(self, write=None) -> None:
+        """Evaluate, log val/loss and say so through `write` (the progress bar's), or the log."""
+        self.val_loss = self.evaluate()
+        self.best_val_loss = min(self.val_loss, self.best_val_loss or math.inf)
+        if self.tracker:
+            self.tracker.log({"val/loss": self.val_loss}, self.step)
+        (write or log.info)(f"{self.name}step {self.step}: val/loss {self.val_loss:.4f}")
+
+    # ------------------------------------------------------------ between steps (minilm/train/loop.py)
+    def log_window(self, window: MetricsWindow) -> None:
+        """Fetch the window's pending per-step metrics in one host sync, log them, and start the next window."""
         self._settle_previous_step()
-        rows = torch.stack([torch.stack(result) for result in pending]).tolist()
+        rows = window.fetch()
         diag_rows = self.diagnostics.collect()  # right after that sync: nothing left to wait for
-        elapsed = time.perf_counter() - window_start
+        elapsed = window.elapsed()
         cfg = self.train_cfg
         tokens = len(rows) * cfg.batch_size * cfg.grad_accum * self.cfg.model.block_size
         clip = cfg.grad_clip
-        diverged_at = self.divergence.diverged_at
         for i, (loss, grad_norm, skipped) in enumerate(rows):
-            step = first_step + i + 1
+            step = window.first_step + i + 1
             metrics = {"train/loss": loss, "optim/grad_norm": grad_norm,
                        "optim/lr": lr_at(step - 1, self.optim_cfg, cfg.max_steps),
                        "optim/clipped": int(clip > 0 and math.isfinite(grad_norm) and grad_norm > clip),
@@ -435,114 +442,46 @@ class Trainer:
                     metrics["amp/scale"] = self.precision.scale()
             if self.tracker:
                 self.tracker.log(metrics, step)
-            row = {"step": step, **metrics}
-            self.recent_rows.append(row)
-            if (diverged_at is None or step < diverged_at) and self._healthy(row):
-                self.last_healthy = row
+            self.last_healthy.see({"step": step, **metrics})
+            self.logged_loss = loss
+        window.restart(self.step)
 
-    def _stop_requested(self, boundary: bool) -> bool:
-        """Whether a stop signal ends the run after this step. Ranks of a data-parallel run must stop at the
-        same step: they agree at flush boundaries only (`boundary`), since agreeing takes a host sync, which
-        every step would keep the device from running ahead."""
-        flag = self.signals.received is not None
+    def stop_agreed(self, requested: bool, boundary: bool) -> bool:
+        """Whether a stop signal (`requested`) ends the run after this step. Ranks of a data-parallel run must
+        stop at the same step: they agree at flush boundaries only (`boundary`), since agreeing takes a host
+        sync, which every step would keep the device from running ahead."""
         if self.world_size > 1:
             if not boundary:
                 return False
-            t = torch.tensor(float(flag), device=self.device)
+            t = torch.tensor(float(requested), device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
+            requested = bool(t.item())
+        return requested
 
-    def _diverged_stop(self) -> bool:
+    def diverged_stop(self) -> bool:
         return self.divergence.diverged and self.train_cfg.stop_on_divergence
 
-    def fit(self, until_step: int | None = None) -> dict:
-        """Train to train.max_steps (or only to `until_step`: outcome "paused", nothing written at the pause)
-        and return the run's summary."""
-        self.start_fit(until_step)
-        logging.captureWarnings(True)  # warnings go through logging, so they print above the progress bar
-        try:
-            with self.signals, logging_redirect_tqdm():
-                while self.running():
-                    if self.after_step(self.train_step()):
-                        break
-                self.flush_pending()
-        finally:
-            self._bar.close()
-            logging.captureWarnings(False)
-        return self.end_fit()
-
-    # fit in parts, so that an ensemble steps its members together and ends each one as it finishes
-    def start_fit(self, until_step: int | None = None) -> None:
-        cfg = self.train_cfg
-        self._end = cfg.max_steps if until_step is None else min(until_step, cfg.max_steps)
-        self.model.train()
-        self._bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.is_main and self.show_progress),
-                         dynamic_ncols=True, mininterval=1.0, desc="train")
-        self._pending, self._first_step, self._window_start = [], self.step, time.perf_counter()
-        self._outcome = "completed" if self._end == cfg.max_steps else "paused"
-
-    def running(self) -> bool:
-        return self.step < self._end and not self._diverged_stop()
-
-    def after_step(self, result: tuple[torch.Tensor, ...] | None) -> bool:
-        """A step's bookkeeping (flush, evaluate, checkpoint, stop signals); True when the run stops here."""
-        cfg = self.train_cfg
-        if result is not None:
-            self._pending.append(result)
-        ckpt_due = (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or self.step == cfg.max_steps
-        boundary = self.step % cfg.log_interval == 0 or self.step == self._end or ckpt_due
-        stop = self._stop_requested(boundary)
-        flush_due = boundary or stop
-        if self._pending and (flush_due or result is None):
-            pending = self._pending
-            self.flush_pending()
-            self._bar.update(len(pending))
-            self._bar.set_postfix(loss=f"{pending[-1][0].item():.3f}")
-        if result is None or self._diverged_stop():
-            return True
-        if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or self.step == cfg.max_steps:
-            self._evaluate_and_log(self._bar)
-        if ckpt_due or stop:
-            self.save_checkpoint()
-        if stop:
-            self._outcome = "interrupted"
-        return bool(stop)
-
-    def flush_pending(self) -> None:
-        if self._pending:
-            self._flush(self._pending, self._first_step, self._window_start)
-        self._pending, self._first_step, self._window_start = [], self.step, time.perf_counter()
-
-    def end_fit(self, sample: str | None = None) -> dict:
-        """How the run ended, after its last step: the final evaluation and the summary. `sample`: the
-        end-of-run sample, when it was drawn already (an ensemble draws its members' together)."""
-        outcome = self.outcome()
-        if outcome == "completed" and self.val_loss is None:  # e.g. resumed from the final checkpoint
-            self._evaluate_and_log(None)
-        return self._finish(outcome, sample)
-
-    def outcome(self) -> str:
-        """How the run ends if it ends now; at max_steps, after the end-of-run divergence rules
-        (minilm/train/divergence.py judge_end), which a run that trained on past a divergence has met already."""
+    # ------------------------------------------------------------ the end
+    def final_outcome(self, planned: str) -> str:
+        """How the run ends, after its last step; `planned`: "completed" (it reached max_steps), "paused" or
+        "interrupted". At max_steps the end-of-run divergence rules apply (minilm/train/divergence.py
+        judge_end), which a run that trained on past a divergence has met already."""
         monitor = self.divergence
-        if self._outcome == "completed" and monitor.judge_end(self.step, self.skipped_updates):
-            self._forget_healthy_from(monitor.diverged_at)
+        if planned == "completed" and monitor.judge_end(self.step, self.skipped_updates):
+            self.last_healthy.forget_from(monitor.diverged_at)
             log.error(f"diverged at step {monitor.diverged_at}, judged at the end of the run: {monitor.reason} "
                       f"(the line is {monitor.threshold:.3f}); see the Divergence section of the README")
-        return "diverged" if self._diverged_stop() or monitor.at_end else self._outcome
+        return "diverged" if self.diverged_stop() or monitor.at_end else planned
 
-    def samples_at_end(self) -> bool:
-        return self.is_main and self.outcome() == "completed" and self.cfg.train.sample_tokens > 0
+    def samples_at_end(self, outcome: str) -> bool:
+        return self.is_main and outcome == "completed" and self.cfg.train.sample_tokens > 0
 
-    def _evaluate_and_log(self, bar) -> None:
-        self.val_loss = self.evaluate()
-        self.best_val_loss = min(self.val_loss, self.best_val_loss or math.inf)
-        if self.tracker:
-            self.tracker.log({"val/loss": self.val_loss}, self.step)
-        (bar.write if bar else log.info)(f"{self.log_prefix}step {self.step}: val/loss {self.val_loss:.4f}")
-
-    def _finish(self, outcome: str, sample: str | None = None) -> dict:
+    def end(self, outcome: str, stopped_by: str | None, sample: str | None = None) -> dict:
+        """The final evaluation and the summary of a run that ended `outcome` (final_outcome's); `stopped_by`:
+        the signal's name, for an interrupted run; `sample`: its end-of-run sample, drawn already (an ensemble
+        draws its members' together), or None to draw it here."""
+        if outcome == "completed" and self.val_loss is None:  # e.g. resumed from the final checkpoint
+            self.evaluate_and_log()
         summary = {"outcome": outcome, "step": self.step, "max_steps": self.cfg.train.max_steps,
                    **self.divergence.summary(self.step), "val/loss": self.val_loss,
                    "val/best_loss": self.best_val_loss, "optim/skipped_updates": self.skipped_updates}
@@ -551,11 +490,11 @@ class Trainer:
         if outcome == "diverged":
             self.save_checkpoint("diverged.pt")
         if outcome == "interrupted":
-            summary["stopped_by"] = self.signals.name
-        summary.update({f"last_healthy/{k}": v for k, v in self.last_healthy.items()})
+            summary["stopped_by"] = stopped_by
+        summary.update({f"last_healthy/{k}": v for k, v in self.last_healthy.row.items()})
         summary.update({**self.diagnostics.running_metrics(), **self.forensics.summary()})
         if self.is_main:
-            if self.samples_at_end():
+            if self.samples_at_end(outcome):
                 summary["sample"] = self.sample() if sample is None else sample
                 log.info("sample:\n" + summary["sample"])
             self.tracker.summary(summary)
@@ -609,48 +548,15 @@ class Trainer:
 SAMPLE_PROMPT = "def"
 
 
-def samples(trainers: list[Trainer], forward) -> list[str]:
-    """Each trainer's end-of-run sample, drawn with a generator seeded by its seed; `forward` maps the
-    trainers' token ids (trainers, 1, time) to logits (trainers, 1, time, vocab). A text depends only on its
+def samples(runs: list[Run], forward) -> list[str]:
+    """Each run's end-of-run sample, drawn with a generator seeded by its seed; `forward` maps the
+    runs' token ids (runs, 1, time) to logits (runs, 1, time, vocab). A text depends only on its
     own model and seed: a run alone and an ensemble member (minilm/train/ensemble.py) draw it alike."""
-    first = trainers[0]
+    first = runs[0]
     prompt = first.data.encode(SAMPLE_PROMPT)
-    lengths = [len(prompt) + trainer.cfg.train.sample_tokens for trainer in trainers]
-    generators = [torch.Generator(device=first.device).manual_seed(torch_seed(trainer.cfg.seed))
-                  for trainer in trainers]
-    idx = torch.tensor([[prompt]] * len(trainers), device=first.device)
+    lengths = [len(prompt) + run.cfg.train.sample_tokens for run in runs]
+    generators = [torch.Generator(device=first.device).manual_seed(torch_seed(run.cfg.seed)) for run in runs]
+    idx = torch.tensor([[prompt]] * len(runs), device=first.device)
     idx = generate(forward, idx, max(lengths) - len(prompt), first.cfg.model.block_size, generators)
     # a shorter sample is the start of a longer one: each token depends only on the ones before it
     return [first.data.decode(row[0, :length].tolist()) for row, length in zip(idx, lengths)]
-
-
-def train(cfg, run_dir: Path, overrides: list[str] = (), choices: dict | None = None) -> dict:
-    """Train one run in `run_dir` and return its summary; a run that already finished there is not
-    trained again (its summary is returned). Rank 0 holds the run dir's lock for the run's life."""
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    with RunDirLock(run_dir, wait=cfg.train.wait_for_run_dir) if main_rank else nullcontext():
-        return _train_locked(cfg, run_dir, overrides, choices)
-
-
-def _train_locked(cfg, run_dir: Path, overrides: list[str], choices: dict | None) -> dict:
-    finished = RunDir(run_dir).finished_summary(cfg)
-    if finished is not None:
-        return finished
-    # A stop signal during data preparation, setup or the end of the run stops at once (exit 75); during
-    # the steps, fit's own handlers stop after the step with a checkpoint.
-    with StopSignals(at_once=True):
-        trainer = Trainer(cfg, run_dir, overrides, choices)
-        distributed = trainer.world_size > 1
-        try:
-            return trainer.fit()
-        except BaseException as error:
-            trainer.fail(error)
-            raise
-        finally:
-            trainer.close()
-            # DDP's reducer holds the process group: destroying the group while the reducer is
-            # alive makes its later destructor wait forever on gloo's threads.
-            del trainer
-            gc.collect()
-            if distributed and dist.is_initialized():
-                dist.destroy_process_group()
