@@ -3,7 +3,7 @@
     python scripts/bench/bench_qk_clip.py                                  # default config, Muon
     python scripts/bench/bench_qk_clip.py model=modern model.qk_norm=false --rounds 20
 
-One Trainer (diagnostics off, so no step is sampled) runs steps with its QK-clip on and off in turn, in a
+One Run (diagnostics off, so no step is sampled) runs steps with its QK-clip on and off in turn, in a
 shuffled order per round, so that load from anything else on the machine falls on both alike; the median of
 the per-round ratios (clip / plain) is printed. tau is set above any logit, so both kinds train alike and
 only the measuring pass (and the clip's device math) is timed.
