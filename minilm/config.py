@@ -338,11 +338,14 @@ class DiagnosticsConfig:
     numerics: bool = True                              # numerics/*: per-layer underflow / overflow in the run's format
     # on sampled steps: the first norm's output error on probe rows of small variance vs float64 (diag/norm_error/*)
     norm_probe: bool = False
+    # at every evaluation: the val loss with each block skipped minus the full val loss
+    # (diag/block_skip_dloss/L{i}); n_layer more evaluations each time
+    block_skip: bool = False
 
 
 # The figures a study can ask its report for (minilm/analysis/figures.py draws them).
 FIGURES = ("loss_curves", "final_loss_vs_lr", "grad_norm_by_layer", "attn_logit_max", "attn_entropy", "logz",
-           "fp16_scale", "update_rms", "norm_error", "numerics")
+           "fp16_scale", "update_rms", "norm_error", "numerics", "depth_profile")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from minilm.train.diagnostics import (
     SpikeScore,
     attention_stats,
     beyond_fp16,
+    block_skip_dloss,
     norm_probe_errors,
     param_group,
 )
@@ -61,6 +62,7 @@ def reference_activation_stats(model, x) -> dict:
         stats[f"diag/attn_entropy/L{i}"] = -(p * p.log()).sum() / (B * H * T)
         stats[f"diag/q_rms/L{i}"], stats[f"diag/k_rms/L{i}"] = q.pow(2).mean().sqrt(), k.pow(2).mean().sqrt()
         stats[f"diag/resid_rms/L{i}"] = block_out[i].pow(2).mean().sqrt()
+        stats[f"diag/resid_var/L{i}"] = block_out[i].var(dim=-1, correction=0).mean()
     for name, t in norm_in.items():
         stats[f"diag/norm_in_absmax/{name}"] = t.abs().max()
     top = z.max(dim=-1, keepdim=True).values
@@ -78,7 +80,7 @@ def test_activation_diagnostics_match_a_float64_reference(tmp_path):
     got = trainer.diagnostics.collect()[1]
     expected = reference_activation_stats(trainer.model, x)
     documented = {f"diag/{m}/L{i}" for m in ("attn_logit_max", "attn_entropy", "attn_sink", "q_rms", "k_rms",
-                                             "resid_rms") for i in range(N_LAYER)}
+                                             "resid_rms", "resid_var") for i in range(N_LAYER)}
     documented |= {f"diag/attn_logit_max_head/L{i}/H{h}" for i in range(N_LAYER) for h in range(2)}
     documented |= {f"diag/norm_in_absmax/blocks.{i}.{n}" for i in range(N_LAYER) for n in ("norm_attn", "norm_mlp")}
     documented |= {"diag/norm_in_absmax/norm_f", "diag/logits_mean", "diag/logits_absmax", "diag/logz_mean",
@@ -305,3 +307,43 @@ def test_diagnostics_config_group():
     cfg = compose([])
     assert cfg.diagnostics.interval > 0 and cfg.diagnostics.spike_sigma == 7 and cfg.diagnostics.forensics is True
     assert cfg.train.divergence_margin == 0.5
+
+
+@torch.no_grad()
+def val_loss_skipping(model, batches, skipped: int | None) -> float:
+    """The mean val loss in float64 with block `skipped` left out of the forward by hand (None: the full model)."""
+    ref = copy.deepcopy(model).double().eval()
+    total = 0.0
+    for x, y in batches:
+        h = ref.tok_emb(x) + ref.pos_emb(torch.arange(x.shape[1]))
+        for i, block in enumerate(ref.blocks):
+            h = h if i == skipped else block(h)
+        logits = ref.lm_head(ref.norm_f(h))
+        total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten()))
+    return total / len(batches)
+
+
+def test_block_skip_dloss_is_the_loss_with_the_block_left_out_by_hand(tmp_path):
+    run = make_run(["diagnostics.block_skip=true"], tmp_path)
+    for _ in range(3):  # trained a little, so every block does something
+        run.train_step()
+    blocks = list(run.model.blocks)
+    full = run.evaluate()
+    got = block_skip_dloss(run.model, run.evaluate, full)
+    assert list(run.model.blocks) == blocks  # every block is back in place
+    assert run.evaluate() == full
+    reference = val_loss_skipping(run.model, run.val_batches, None)
+    assert set(got) == {f"diag/block_skip_dloss/L{i}" for i in range(N_LAYER)}
+    for i in range(N_LAYER):
+        by_hand = val_loss_skipping(run.model, run.val_batches, i) - reference
+        assert got[f"diag/block_skip_dloss/L{i}"] == pytest.approx(by_hand, rel=1e-4, abs=1e-5)
+        assert abs(by_hand) > 1e-3  # skipping a block changes the loss: the comparison has something to match
+
+
+@pytest.mark.slow
+def test_block_skip_dloss_is_logged_at_every_evaluation(tmp_path):
+    rows = run_training(["diagnostics.block_skip=true", "train.max_steps=4", "train.eval_interval=2"], tmp_path)
+    logged = {row["step"]: row for row in rows if "val/loss" in row}
+    assert sorted(logged) == [2, 4]
+    assert all({f"diag/block_skip_dloss/L{i}" for i in range(N_LAYER)} <= set(row) for row in logged.values())
+    assert not any("diag/block_skip_dloss/L0" in row for row in rows if "val/loss" not in row)

@@ -163,7 +163,8 @@ def test_verdicts_are_computed_from_the_data(stable_qk_norm):
     sensitivity = found["qk-norm lowers the LR sensitivity"]
     assert sensitivity.passed is stable_qk_norm  # flipping which arm diverges flips the verdict
     without, with_qk = sensitivity.numbers["without"], sensitivity.numbers["with"]
-    assert (with_qk < without) is stable_qk_norm and sensitivity.measured == f"{without:.2f} → {with_qk:.2f}"
+    assert (with_qk < without) is stable_qk_norm
+    assert sensitivity.measured == f"{without:.2f} → {with_qk:.2f} — single-seed observation"  # one seed per arm
     top_lr = "the highest learning rate diverges or ends far above the best loss without qk-norm, and trains with it"
     assert found[top_lr].passed is stable_qk_norm
     assert found["without qk-norm the max attention logit grows with the learning rate"].passed  # logits: lr x 100

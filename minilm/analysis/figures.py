@@ -324,6 +324,32 @@ def plot_init_grads(sweep: Sweep, layout: Layout, path: Path) -> bool:
     return True
 
 
+DEPTH_ROWS = (("diag/resid_var", "residual variance", "log"), ("diag/block_skip_dloss", "val loss rise when skipped",
+                                                                   "linear"))
+
+
+def plot_depth_profile(sweep: Sweep, layout: Layout, path: Path) -> bool:
+    """Per block, at the last step that logged it: the residual stream's variance and the val loss rise when the
+    block is skipped, seed means, one panel per panel value."""
+    canvas, drawn = Canvas(layout, len(DEPTH_ROWS)), False
+    for arm, runs in sweep.arms.items():
+        for row, (prefix, _, _) in enumerate(DEPTH_ROWS):
+            profiles = [values[max(values)] for values in (r.per_layer(prefix) for r in runs) if values]
+            if profiles:
+                layers = list(zip(*profiles))
+                canvas.curve(row, arm, list(range(1, len(layers) + 1)), [statistics.fmean(v) for v in layers],
+                             f"n={len(profiles)}", marker="o", ms=3)
+                drawn = True
+    if not drawn:
+        plt.close(canvas.fig)
+        return False
+    for row, (_, label, scale) in enumerate(DEPTH_ROWS):
+        canvas.label_axes(row, label, yscale=scale, xlabel="block", ylabel=label)
+    canvas.save("Per block at the end of the run: the residual stream's variance (diag/resid_var) and the val loss "
+                "rise when the block is skipped (diag/block_skip_dloss), seed mean", path)
+    return True
+
+
 def plot_update_rms(sweep: Sweep, layout: Layout, path: Path) -> bool:
     """Update RMS and gradient RMS per parameter group (mean over sampled steps), with each arm's AdamW eps."""
     parts = (("diag/update_rms/", "update RMS per step"), ("diag/grad_rms/", "gradient RMS"))
@@ -378,6 +404,7 @@ FIGURE_TITLES = {
     "attn_entropy": "attention entropy per layer over steps", "logz": "log Z over steps",
     "fp16_scale": "fp16 loss scale and skipped steps", "update_rms": "update and gradient RMS per layer",
     "norm_error": "norm error on small-variance rows", "numerics": "low-precision underflow and overflow",
+    "depth_profile": "residual variance and skip-one-block loss rise per block",
 }
 
 
@@ -385,7 +412,7 @@ PLOTS: dict[str, Callable[[Sweep, Layout, Path], bool]] = {
     "loss_curves": plot_loss_curves, "final_loss_vs_lr": plot_lr_sensitivity, "grad_norm_by_layer": plot_init_grads,
     "attn_logit_max": plot_attn_logit_max, "attn_entropy": plot_attn_entropy, "logz": plot_logz,
     "fp16_scale": plot_fp16_scale, "update_rms": plot_update_rms, "norm_error": plot_norm_error,
-    "numerics": plot_numerics,
+    "numerics": plot_numerics, "depth_profile": plot_depth_profile,
 }
 
 

@@ -7,7 +7,8 @@
 The arms and their statistics are minilm/analysis/sweep.py's, the figures minilm/analysis/figures.py's.
 A canned study's runs carry its `study` node (minilm/config.py StudyConfig): the expected
 outcome and its source open report.md, followed by one verdict per expectation computed from
-the runs (minilm/analysis/studies.py). A figure without data is not drawn, and report.md says so.
+the runs (minilm/analysis/studies/), each naming the seeds it rests on. A figure without data is not
+drawn, and report.md says so.
 """
 
 import argparse
@@ -150,7 +151,9 @@ def write_report(records: list[RunRecord], source: str, out: Path) -> str:
     if found:
         md.append("## Verdicts, computed from these runs\n")
         md += [f"- {'✔' if v.passed else '✘' if v.passed is False else '–'} {v.claim}: {v.measured}" for v in found]
-        md.append("\n✔ agrees with the expectation, ✘ disagrees, – not measurable from these runs.\n")
+        md.append("\n✔ agrees with the expectation, ✘ disagrees, – not measurable from these runs. A verdict that "
+                  "compares arms names the seeds per arm it rests on: under 3 it is an observation; from 3 on, "
+                  "its intervals are 95% Student-t intervals over the seeds.\n")
     md += ["## Runs\n", f"{len(records)} runs from `{source}`, {len(sweep.arms)} arms; swept: "
            f"{', '.join(sweep.keys) or 'nothing'} (seeds pooled). Shared: {settings_line(sweep)}.\n",
            divergence_line(sweep) + "\n"]

@@ -14,6 +14,9 @@ Sampled metrics (step 1 and every `diagnostics.interval` steps), observed and ne
 3. `observe_update`, after the optimizer step: update RMS and update-to-weight ratio per group.
 4. With `diagnostics.norm_probe`, `probe_norm`: the first norm's output error on probe rows of small
    variance, given in the run's compute dtype, against float64 (the numerics of tiny-variance rows).
+5. With `diagnostics.block_skip`, at every evaluation, `block_skip_dloss`: the held-out loss with one
+   block skipped (its input passed on as its output: the residual stream goes through) minus the full
+   loss, per block; a block the model barely uses scores near 0 (Sun et al. 2025, the curse of depth).
 
 Every value stays a device tensor until the trainer's next metrics flush fetches them all at
 once (`collect`), so sampling adds compute but no host synchronization.
@@ -26,6 +29,7 @@ import math
 import resource
 import sys
 from collections import deque
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -63,6 +67,32 @@ def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def rms(t: torch.Tensor) -> torch.Tensor:
     return t.float().pow(2).mean().sqrt()
+
+
+def residual_variance(t: torch.Tensor) -> torch.Tensor:
+    """The mean over positions of the variance over features (fp32): the residual stream's spread per block."""
+    return t.float().var(dim=-1, correction=0).mean()
+
+
+class SkippedBlock(nn.Module):
+    """A block left out: its input, the residual stream, is its output (a value embedding it is given is unused)."""
+
+    def forward(self, x: torch.Tensor, _value_embed: torch.Tensor | None = None) -> torch.Tensor:
+        return x
+
+
+@torch.no_grad()
+def block_skip_dloss(model: nn.Module, val_loss: Callable[[nn.Module], float], full: float) -> dict[str, float]:
+    """{diag/block_skip_dloss/L{i}: val_loss(model with block i skipped) - full}: block i swapped for the
+    pass-through, so the residual stream goes on unchanged, then put back."""
+    found = {}
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = SkippedBlock()
+        try:
+            found[f"diag/block_skip_dloss/L{i}"] = val_loss(model) - full
+        finally:
+            model.blocks[i] = block
+    return found
 
 
 def group_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -222,6 +252,7 @@ class Diagnostics:
         def residual(i):
             def hook(_module, _args, out):
                 stats[f"diag/resid_rms/L{i}"] = rms(out)
+                stats[f"diag/resid_var/L{i}"] = residual_variance(out)
                 overflow.append(beyond_fp16(out))
             return hook
 

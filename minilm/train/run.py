@@ -52,7 +52,7 @@ from minilm.precision.policy import Precision
 from minilm.rundir import CHECKPOINTS_DIR, CONFIG_FILE, ENVIRONMENT_FILE, WANDB_CONFIG_FILE, WANDB_ENVIRONMENT_FILE
 from minilm.seeding import rng_state, seed_everything, set_deterministic, set_rng_state, torch_rng_state, torch_seed
 from minilm.train.build import build_model, init_distributed, rank0s, wrap_model
-from minilm.train.diagnostics import Diagnostics, peak_memory_mb
+from minilm.train.diagnostics import Diagnostics, block_skip_dloss, peak_memory_mb
 from minilm.train.divergence import DivergenceMonitor, LastHealthy
 from minilm.train.forensics import Forensics
 from minilm.train.lifecycle import RunDir, StepScalars, check_architecture, check_resume, plain
@@ -387,15 +387,17 @@ class Run:
         self.diagnostics.drop_after(self.step)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        self.model.eval()
+    def evaluate(self, model: torch.nn.Module | None = None) -> float:
+        """The mean val loss of `model` (default: the run's) over the held-out batches."""
+        model = self.model if model is None else model
+        model.eval()
         total = torch.zeros((), device=self.device)
         for batch in self.val_batches:
             x, y = (t.to(self.device) for t in batch)
             with self.precision.autocast():
-                logits = self.model(x)
+                logits = model(x)
             total += lm_loss(logits, y).ce
-        self.model.train()
+        model.train()
         return (total / len(self.val_batches)).item()
 
     def should_evaluate(self) -> bool:
@@ -407,8 +409,11 @@ class Run:
         """Evaluate, log val/loss and say so through `write` (the progress bar's), or the log."""
         self.val_loss = self.evaluate()
         self.best_val_loss = min(self.val_loss, self.best_val_loss or math.inf)
+        metrics = {"val/loss": self.val_loss}
+        if self.cfg.diagnostics.block_skip:
+            metrics.update(block_skip_dloss(self.model, self.evaluate, self.val_loss))
         if self.tracker:
-            self.tracker.log({"val/loss": self.val_loss}, self.step)
+            self.tracker.log(metrics, self.step)
         (write or log.info)(f"{self.name}step {self.step}: val/loss {self.val_loss:.4f}")
 
     # ------------------------------------------------------------ between steps (minilm/train/loop.py)
