@@ -266,6 +266,9 @@ class OptimConfig:
     skip_spikes: bool = False
     skip_spikes_window: int = knob(128, at_least(2))
     skip_spikes_sigma: float = knob(6.0, positive)
+    # QK-clip (Kimi K2's MuonClip, minilm/optim/qk_clip.py): after each update, scale the query and key weights
+    # of every head whose max pre-softmax attention logit on the step's batch exceeded this, down to it; null: off
+    qk_clip_tau: float | None = knob(None, positive)
 
     def cross_check(self) -> None:
         if self.name == "adamw":
@@ -440,6 +443,10 @@ def validate(cfg) -> None:
         raise ConfigError(f"norm.depth_scaling=true scales the norms at a sublayer's input, and "
                           f"model.placement={cfg.model.placement} has none there; use placement=pre or sandwich")
     parse_device(cfg.device)
+    if cfg.optim.qk_clip_tau is not None and cfg.model.qk_norm:
+        raise ConfigError(f"optim.qk_clip_tau={cfg.optim.qk_clip_tau} cannot clip a model with model.qk_norm=true: "
+                          f"qk-norm undoes any scaling of the query and key weights, and its gains are shared by "
+                          f"every head of a layer; drop one of the two (qk-norm bounds the logits already)")
     if cfg.optim.name == "muon" and cfg.precision.name == "bf16_pure":
         raise ConfigError("optim=muon cannot run with precision=bf16_pure: Muon would add its update to the bf16 "
                           "weights with round-to-nearest, losing updates below half a bf16 ulp (pure bf16's "

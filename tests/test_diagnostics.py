@@ -16,6 +16,7 @@ from minilm.rundir import read_metrics
 from minilm.train.diagnostics import (
     PROBE_STDS,
     SpikeScore,
+    attention_stats,
     beyond_fp16,
     block_skip_dloss,
     norm_probe_errors,
@@ -53,8 +54,11 @@ def reference_activation_stats(model, x) -> dict:
         q, k = q.reshape(B, T, H, C // H), k.reshape(B, T, H, C // H)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(C // H)
         causal = torch.ones(T, T, dtype=torch.bool).tril()
-        p = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)[..., causal]
+        full = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        p = full[..., causal]
         stats[f"diag/attn_logit_max/L{i}"] = scores[..., causal].max()
+        stats.update({f"diag/attn_logit_max_head/L{i}/H{h}": m for h, m in enumerate(scores[..., causal].amax((0, 2)))})
+        stats[f"diag/attn_sink/L{i}"] = full[:, :, 1:, 0].mean()  # query 0 sees position 0 alone: left out
         stats[f"diag/attn_entropy/L{i}"] = -(p * p.log()).sum() / (B * H * T)
         stats[f"diag/q_rms/L{i}"], stats[f"diag/k_rms/L{i}"] = q.pow(2).mean().sqrt(), k.pow(2).mean().sqrt()
         stats[f"diag/resid_rms/L{i}"] = block_out[i].pow(2).mean().sqrt()
@@ -75,9 +79,9 @@ def test_activation_diagnostics_match_a_float64_reference(tmp_path):
     trainer.diagnostics.observe_forward(1, x)
     got = trainer.diagnostics.collect()[1]
     expected = reference_activation_stats(trainer.model, x)
-    documented = {f"diag/{m}/L{i}" for m in ("attn_logit_max", "attn_entropy", "q_rms", "k_rms", "resid_rms",
-                                                  "resid_var")
-                  for i in range(N_LAYER)}
+    documented = {f"diag/{m}/L{i}" for m in ("attn_logit_max", "attn_entropy", "attn_sink", "q_rms", "k_rms",
+                                             "resid_rms", "resid_var") for i in range(N_LAYER)}
+    documented |= {f"diag/attn_logit_max_head/L{i}/H{h}" for i in range(N_LAYER) for h in range(2)}
     documented |= {f"diag/norm_in_absmax/blocks.{i}.{n}" for i in range(N_LAYER) for n in ("norm_attn", "norm_mlp")}
     documented |= {"diag/norm_in_absmax/norm_f", "diag/logits_mean", "diag/logits_absmax", "diag/logz_mean",
                    "diag/logz_std", "amp/overflow_activations"}
@@ -86,6 +90,28 @@ def test_activation_diagnostics_match_a_float64_reference(tmp_path):
         assert close(got[name], reference), (name, got[name], float(reference))
     assert got["amp/overflow_activations"] == 0
     assert got["diag/q_rms/L0"] < 0.5  # no qk-norm: queries are small at init (compare the qk-norm test)
+
+
+def test_attention_sink_and_entropy_match_a_hand_computation():
+    """Two heads, d_head = 1, three positions. Head 0's keys (ln 3, 0, 0) give query 1 the weights (3/4, 1/4) and
+    query 2 (3/5, 1/5, 1/5); head 1's zero keys give uniform weights. The sink leaves out query 0 (weight 1 on
+    position 0 by the mask alone): head 0 (3/4 + 3/5) / 2, head 1 (1/2 + 1/3) / 2."""
+    q = torch.ones(1, 2, 3, 1)
+    k = torch.tensor([[math.log(3), 0.0, 0.0], [0.0, 0.0, 0.0]]).view(1, 2, 3, 1)
+    stats = attention_stats(q, k)
+    assert float(stats["sink"]) == pytest.approx(((3 / 4 + 3 / 5) / 2 + (1 / 2 + 1 / 3) / 2) / 2, rel=1e-6)
+    assert stats["head_max"].tolist() == pytest.approx([math.log(3), 0.0])
+
+    def h(*p):
+        return -sum(x * math.log(x) for x in p)
+
+    entropy = (h(3 / 4, 1 / 4) + h(3 / 5, 1 / 5, 1 / 5) + h(1 / 2, 1 / 2) + h(1 / 3, 1 / 3, 1 / 3)) / 6
+    assert float(stats["entropy"]) == pytest.approx(entropy, rel=1e-6)
+    # soft-capped at 1: head 0's first logit becomes tanh(ln 3) = 0.8 as the softmax sees it; the max stays ln 3
+    capped = attention_stats(q, k, cap=1.0)
+    w1, w2 = math.exp(0.8) / (math.exp(0.8) + 1), math.exp(0.8) / (math.exp(0.8) + 2)
+    assert float(capped["sink"]) == pytest.approx(((w1 + w2) / 2 + (1 / 2 + 1 / 3) / 2) / 2, rel=1e-6)
+    assert capped["head_max"].tolist() == pytest.approx([math.log(3), 0.0])
 
 
 @pytest.mark.slow

@@ -89,13 +89,19 @@ def test_members_train_as_their_runs_alone(tmp_path):
 
 @pytest.mark.slow
 def test_muon_members_train_as_their_runs_alone(tmp_path):
-    """Each member has its own Muon + AdamW, stepping the member's views into the stacked parameters."""
-    arms = [["optim=muon", "optim.lr=0.02", "seed=0"], ["optim=muon", "optim.lr=0.05", "seed=1"], ["seed=2"]]
+    """Each member has its own Muon + AdamW, stepping the member's views into the stacked parameters; a member's
+    QK-clip observes and clips its own heads."""
+    arms = [["optim=muon", "optim.lr=0.02", "seed=0"], ["optim=muon", "optim.lr=0.05", "seed=1"], ["seed=2"],
+            ["optim=muon", "optim.lr=0.05", "seed=1", "optim.qk_clip_tau=0.1"]]
     arms = [[*arm, "train.max_steps=6", "train.sample_tokens=0"] for arm in arms]
     run_ensemble(arms, tmp_path)
     for i, arm in enumerate(arms):
         run_alone(arm, tmp_path / f"alone{i}")
         assert_same_run(tmp_path / f"member{i}", tmp_path / f"alone{i}")
+    clips = [[r.get("optim/qk_clipped_heads") for r in read_metrics(tmp_path / run) if "train/loss" in r]
+             for run in ("member3", "alone3")]
+    assert clips[0] == clips[1] and sum(clips[0]) > 0
+    assert losses(read_metrics(tmp_path / "member3")) != losses(read_metrics(tmp_path / "member1"))  # it clipped
 
 
 @pytest.mark.slow

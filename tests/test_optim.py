@@ -133,7 +133,8 @@ def test_schedule_sets_each_group_its_ratio_of_the_lr_and_warms_muon_momentum_up
     optimizer = build_optimizer(model, cfg.optim, cpu_precision(cfg), 0)
     set_schedule(optimizer, 0, cfg.optim, 100)
     lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
-    assert lrs == pytest.approx({"matrix": 0.02, "embed": 0.2, "head": 0.01, "scalar": 0.005})
+    lr = cfg.optim.lr  # the preset's Muon LR
+    assert lrs == pytest.approx({"matrix": lr, "embed": 10 * lr, "head": 0.5 * lr, "scalar": 0.25 * lr})
     assert optimizer.parts["muon"].param_groups[0]["momentum"] == pytest.approx(0.85)
     set_schedule(optimizer, 5, cfg.optim, 100)
     assert optimizer.parts["muon"].param_groups[0]["momentum"] == pytest.approx(0.90)
@@ -182,7 +183,7 @@ def test_the_schedule_reaches_both_parts_after_a_state_is_loaded():
     optimizer = build_optimizer(model, cfg.optim, cpu_precision(cfg), 0)
     optimizer.load_state_dict(optimizer.state_dict())  # torch replaces each part's group dicts
     set_schedule(optimizer, 10**6, cfg.optim, 100)
-    assert all(group["lr"] == pytest.approx(0.02 * cfg.optim.min_lr_ratio * lr_ratio(group["name"], cfg.optim))
+    assert all(group["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio * lr_ratio(group["name"], cfg.optim))
                for part in optimizer.parts.values() for group in part.param_groups)
 
 

@@ -63,7 +63,8 @@ SKIP_SPIKES = ["optim.skip_spikes=true", "optim.skip_spikes_window=20", "optim.s
 @pytest.mark.slow
 @pytest.mark.parametrize("precision,arm", [("fp32", []), ("fp16", []), ("bf16_pure", []), ("bf16_pure", ["norm=dyt"]),
                                            ("fp32", ["optim=muon"]), ("fp16", ["optim=muon"]),
-                                           ("fp32", ["optim=muon", *SKIP_SPIKES])])
+                                           ("fp32", ["optim=muon", *SKIP_SPIKES]),
+                                           ("fp32", ["optim=muon", "optim.qk_clip_tau=0.1"])])
 def test_resume_equals_uninterrupted(precision, arm, tmp_path):
     skip = SKIP_SPIKES[0] in arm
     # skip-step decides from step 20 on (OLMo-core's minimum history): split after it, at sigma 1 some skip
@@ -83,6 +84,9 @@ def test_resume_equals_uninterrupted(precision, arm, tmp_path):
         counts = [r["optim/skipped_spikes"] for r in full if "optim/skipped_spikes" in r]
         assert counts[-1] > counts[split - 1] and counts == [r["optim/skipped_spikes"] for r in rows
                                                              if "optim/skipped_spikes" in r]
+    if "optim.qk_clip_tau=0.1" in arm:  # heads were clipped after the split, as in the run uninterrupted
+        clips = [r.get("optim/qk_clipped_heads") for r in full if "train/loss" in r]
+        assert sum(clips[split:]) > 0 and clips == [r.get("optim/qk_clipped_heads") for r in rows if "train/loss" in r]
 
 
 def test_fp16_scaler_skips_an_injected_inf_and_recovers(tmp_path):

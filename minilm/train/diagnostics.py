@@ -34,8 +34,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from minilm.model import softcap
 from minilm.norms import float64_norm, norm_spec
 from minilm.norms.dyt import dyt
+from minilm.optim.qk_clip import attention_inputs, attention_qk, causal_logit_chunks
 from minilm.rundir import PROBE_MEANS
 
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
@@ -44,7 +46,6 @@ PROBE_STDS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
 PROBE_ROWS = 64
 _TOP_LEVEL_GROUPS = {"tok_emb": "embed", "pos_emb": "embed", "value_embeds": "embed", "lm_head": "head",
                      "norm_f": "final_norm"}
-_ATTN_CHUNK_ELEMENTS = 2**26  # bound the fp32 (batch, head, T, T) logits held at once
 
 
 def param_group(name: str) -> str:
@@ -105,20 +106,22 @@ def beyond_fp16(t: torch.Tensor, absolute: torch.Tensor | None = None) -> torch.
     return t.numel() - torch.count_nonzero(absolute <= FP16_MAX)  # nan compares false
 
 
-def attention_stats(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> tuple[torch.Tensor, ...]:
-    """(max causal logit q.k x scale, mean softmax entropy in nats) for q, k of shape (B, H, T, d_head); scale:
-    the attention's (CausalSelfAttention.sdpa_scale, μP's), None for 1/sqrt(d_head)."""
-    B, H, T, d = q.shape
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    chunk = max(1, _ATTN_CHUNK_ELEMENTS // (H * T * T))
-    maxima, entropy = [], torch.zeros((), device=q.device)
-    for qc, kc in zip(q.split(chunk), k.split(chunk)):
-        logits = qc @ kc.transpose(-1, -2) / math.sqrt(d) if scale is None else qc @ kc.transpose(-1, -2) * scale
-        logits = logits.masked_fill(future, float("-inf"))
-        maxima.append(logits.amax())
+def attention_stats(q: torch.Tensor, k: torch.Tensor, cap: float | None = None) -> dict[str, torch.Tensor]:
+    """For q, k of shape (B, H, T, d_head): each head's max causal logit q.k/sqrt(d_head) before any soft-cap
+    (`head_max`, (H,)), and from the softmax as attention computes it (after the soft-cap `cap`) the mean
+    entropy in nats (`entropy`) and the mean probability on position 0 (`sink`), both over batch, heads and
+    queries; the sink leaves out query 0, which can attend to position 0 only."""
+    B, H, T, _ = q.shape
+    maxima, entropy, sink = [], torch.zeros((), device=q.device), torch.zeros((), device=q.device)
+    for logits in causal_logit_chunks(q, k):
+        maxima.append(logits.amax(dim=(0, 2, 3)))
+        if cap is not None:  # capped as attention caps them, the future masked again (tanh(-inf) = -1)
+            logits = softcap(logits, cap).masked_fill(logits == float("-inf"), float("-inf"))
         p = torch.softmax(logits, dim=-1)
         entropy -= torch.special.xlogy(p, p).sum()  # xlogy(0, 0) = 0 on the masked entries
-    return torch.stack(maxima).amax(), entropy / (B * H * T)
+        sink += p[:, :, 1:, 0].sum()
+    return {"head_max": torch.stack(maxima).amax(dim=0), "entropy": entropy / (B * H * T),
+            "sink": sink / (B * H * max(T - 1, 1))}
 
 
 @torch.no_grad()
@@ -241,16 +244,10 @@ class Diagnostics:
     def observe_forward(self, step: int, x: torch.Tensor) -> None:
         """Activation statistics of the model on the batch `x` the step is about to train on."""
         stats: dict[str, torch.Tensor] = {}
-        attn_inputs: dict[int, torch.Tensor] = {}
         overflow: list[torch.Tensor] = []
 
         def count_overflow(_module, _args, out):
             overflow.append(beyond_fp16(out))
-
-        def keep_attn_input(i):
-            def hook(_module, args):
-                attn_inputs[i] = args[0]
-            return hook
 
         def residual(i):
             def hook(_module, _args, out):
@@ -266,12 +263,12 @@ class Diagnostics:
 
         handles = [m.register_forward_hook(count_overflow) for m in self.leaves]
         for i, block in enumerate(self.model.blocks):
-            handles += [block.attn.register_forward_pre_hook(keep_attn_input(i)),
-                        block.register_forward_hook(residual(i))]
+            handles.append(block.register_forward_hook(residual(i)))
         handles += [norm.register_forward_pre_hook(norm_input(name)) for name, norm in self.norms]
         devices = [x.device] if x.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices), self.precision.autocast():
+            with torch.random.fork_rng(devices=devices), self.precision.autocast(), \
+                    attention_inputs(self.model) as attn_inputs:
                 logits = self.model(x)
         finally:
             for handle in handles:
@@ -279,11 +276,11 @@ class Diagnostics:
 
         for i, h in attn_inputs.items():  # hooks are off: recomputing q, k triggers none of them
             attn = self.model.blocks[i].attn
-            with torch.autocast(x.device.type, enabled=False):  # in fp32, or in bf16 for a bf16_pure model
-                q, k, _ = attn.project_qkv(h.to(attn.qkv.weight.dtype))
-            q, k = q.float(), k.float()
-            logit_max, entropy = attention_stats(q, k, attn.sdpa_scale)
-            stats[f"diag/attn_logit_max/L{i}"], stats[f"diag/attn_entropy/L{i}"] = logit_max, entropy
+            q, k = attention_qk(attn, h)
+            attention = attention_stats(q, k, attn.attn_softcap)
+            stats[f"diag/attn_logit_max/L{i}"] = attention["head_max"].amax()
+            stats.update({f"diag/attn_logit_max_head/L{i}/H{head}": m for head, m in enumerate(attention["head_max"])})
+            stats[f"diag/attn_entropy/L{i}"], stats[f"diag/attn_sink/L{i}"] = attention["entropy"], attention["sink"]
             stats[f"diag/q_rms/L{i}"], stats[f"diag/k_rms/L{i}"] = rms(q), rms(k)
         z = logits.float()
         z_abs, log_z = z.abs(), torch.logsumexp(z, dim=-1)

@@ -45,6 +45,7 @@ from minilm.environment import environment_record
 from minilm.errors import EXIT_CODES, CheckpointError, DataError, MinilmError, RunDirError
 from minilm.model import generate, lm_loss
 from minilm.optim import build_optimizer, lr_at, set_schedule
+from minilm.optim.qk_clip import QKClip
 from minilm.optim.skip_step import SpikeSkip
 from minilm.precision.bf16_pure import bytes_per_param
 from minilm.precision.policy import Precision
@@ -99,6 +100,7 @@ class Run:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.precision, cfg.seed)
         self.spike_skip = (SpikeSkip(cfg.optim.skip_spikes_window, cfg.optim.skip_spikes_sigma, self.device)
                            if cfg.optim.skip_spikes else None)
+        self.qk_clip = QKClip(self.model, cfg.optim.qk_clip_tau) if cfg.optim.qk_clip_tau else None
         self.sampler = TokenWindowSampler(self.data.train, cfg.model.block_size, cfg.train.batch_size, cfg.seed,
                                           self.rank, self.world_size)
         self.val_batches = eval_batches(self.data.val, cfg.model.block_size, cfg.train.batch_size,
@@ -309,6 +311,8 @@ class Run:
         """The step's next micro-batch, seen by forensics and, on a sampled step, by diagnostics."""
         x, y = self.next_batch()
         self.forensics.add_batch(x, y)
+        if self.qk_clip:
+            self.qk_clip.observe(x, self.precision.autocast)
         step = self._in_flight["step"]
         if self._in_flight["sampled"] and micro == 0:
             self.diagnostics.observe_forward(step, x)
@@ -340,6 +344,8 @@ class Run:
             skip = self.spike_skip.decide(mean_ce, grad_norm)
             self.diagnostics.record(step, {"optim/skipped_spikes": self.spike_skip.skipped.clone()})
         self._skipped_so_far = self._skipped_so_far + self.precision.step(self.optimizer, grad_norm, skip)
+        if self.qk_clip:  # only where the update was applied, before anything looks at the updated weights
+            self.diagnostics.record(step, self.qk_clip.clip(grad_norm, skip))
         self.after_update(step, sampled)
         self.step += 1
         self.forensics.end_step()
