@@ -1,11 +1,11 @@
 """QK-clip (minilm/optim/qk_clip.py) and the per-head max attention logit, against float64 references."""
 
 import copy
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from minilm.config import validate
 from minilm.errors import ConfigError
@@ -16,14 +16,15 @@ from minilm.precision.policy import Precision
 from tests.helpers import make_run, peek_batch, with_tiny
 
 ARCHITECTURES = {"mha": [], "gqa_rope": ["model.n_head=4", "model.n_kv_head=2", "model.position=rope"],
-                 "rope_softcap_nobias": ["model.position=rope", "model.attn_softcap=20", "model.bias=false"]}
+                 "rope_softcap_nobias": ["model.position=rope", "model.attn_softcap=20", "model.bias=false"],
+                 "mup_wide": ["model.parametrization=mup", "model.base_width=16"]}  # μP's 1/d_head logits
 
 
 def model_and_batch(overrides: list[str], seed: int = 0) -> tuple[GPT, torch.Tensor]:
     """A test-size model with weights large enough that heads differ in their max logit, and a batch."""
     cfg = compose(with_tiny(overrides))
     torch.manual_seed(seed)
-    model = GPT(cfg.model, cfg.norm, 512)
+    model = GPT(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.norm), 512)  # as build_model does
     with torch.no_grad():
         for block in model.blocks:
             block.attn.qkv.weight.mul_(10 * torch.linspace(0.5, 1.5, block.attn.qkv.weight.shape[0])[:, None])
@@ -44,8 +45,9 @@ def attention_inputs_of(model: GPT, x: torch.Tensor) -> dict[int, torch.Tensor]:
 
 
 @torch.no_grad()
-def float64_head_max(attn, h: torch.Tensor) -> torch.Tensor:
-    """Each head's max over batch and causal (query, key) pairs of q.k / sqrt(d_head), in float64, written out."""
+def float64_head_max(attn, h: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Each head's max over batch and causal (query, key) pairs of q.k times the layer's scale (1/sqrt(d_head),
+    μP's 1/d_head x sqrt(base d_head): `scale`), in float64, written out."""
     B, T, C = h.shape
     H, G, d = attn.n_head, attn.n_kv_head, attn.d_head
     qkv = F.linear(h.double(), attn.qkv.weight.double(), None if attn.qkv.bias is None else attn.qkv.bias.double())
@@ -54,14 +56,20 @@ def float64_head_max(attn, h: torch.Tensor) -> torch.Tensor:
     if attn.rope_theta is not None:
         q, k = rotate(q, attn.rope_theta), rotate(k, attn.rope_theta)
     k = k[:, [head // (H // G) for head in range(H)]]  # each query head's kv head
-    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(d)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * (scale or d ** -0.5)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     return scores[..., causal].amax(dim=(0, 2))
 
 
 def float64_maxima(model: GPT, x: torch.Tensor) -> torch.Tensor:
-    inputs = attention_inputs_of(model, x)
-    return torch.stack([float64_head_max(block.attn, inputs[i]) for i, block in enumerate(model.blocks)])
+    inputs, scale = attention_inputs_of(model, x), head_scale(model)
+    return torch.stack([float64_head_max(block.attn, inputs[i], scale) for i, block in enumerate(model.blocks)])
+
+
+def head_scale(model: GPT) -> float | None:
+    """μP's attention scale, sqrt(base d_head) / d_head, written out from the config; None: SP's 1/sqrt(d_head)."""
+    cfg = model.cfg
+    return (cfg.base_width // cfg.n_head) ** 0.5 / (cfg.d_model // cfg.n_head) if cfg.parametrization == "mup" else None
 
 
 def tau_between(maxima: torch.Tensor) -> float:
@@ -99,7 +107,8 @@ def test_a_clip_brings_every_head_to_tau_and_leaves_heads_below_it_bitwise(arch)
     clip, rows = observed(model, x, tau), attn_rows(model)
     clipped = clip.clip(torch.tensor(1.0), None)["optim/qk_clipped_heads"]
     assert int(clipped) == int((before > tau).sum()) > 0
-    after = torch.stack([float64_head_max(block.attn, inputs[i]) for i, block in enumerate(model.blocks)])
+    scale = head_scale(model)
+    after = torch.stack([float64_head_max(block.attn, inputs[i], scale) for i, block in enumerate(model.blocks)])
     above = before > tau
     torch.testing.assert_close(after[above], torch.full_like(after[above], tau), rtol=1e-5, atol=0)
     assert torch.equal(after[~above], before[~above])

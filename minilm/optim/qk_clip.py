@@ -46,10 +46,15 @@ def head_logit_max(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def attention_qk(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The fp32 queries and keys (B, H, T, d_head) of attention layer `attn` for its input `h`, after qk-norm
-    and RoPE (GQA keys repeated per query head), recomputed without autocast (bf16 for a bf16_pure model)."""
+    and RoPE (GQA keys repeated per query head), recomputed without autocast (bf16 for a bf16_pure model).
+    Where the layer's attention scale is not 1/sqrt(d_head) (μP's 1/d_head), q carries the ratio, so that
+    q.k / sqrt(d_head) is the logit the layer's softmax sees."""
     with torch.autocast(h.device.type, enabled=False):
         q, k, _ = attn.project_qkv(h.to(attn.qkv.weight.dtype))
-    return q.float(), k.float()
+    q = q.float()
+    if attn.sdpa_scale is not None:  # None: SDPA's own 1/sqrt(d_head), nothing to carry (SP stays bitwise)
+        q = q * (attn.sdpa_scale * math.sqrt(attn.d_head))
+    return q, k.float()
 
 
 class _PastLastAttention(Exception):
