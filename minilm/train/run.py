@@ -344,9 +344,7 @@ class Run:
             skip = self.spike_skip.decide(mean_ce, grad_norm)
             self.diagnostics.record(step, {"optim/skipped_spikes": self.spike_skip.skipped.clone()})
         self._skipped_so_far = self._skipped_so_far + self.precision.step(self.optimizer, grad_norm, skip)
-        if self.qk_clip:  # only where the update was applied, before anything looks at the updated weights
-            self.diagnostics.record(step, self.qk_clip.clip(grad_norm, skip))
-        self.after_update(step, sampled)
+        self.after_update(step, sampled, grad_norm, skip)
         self.step += 1
         self.forensics.end_step()
         self.scalars.record(step, mean_ce, grad_norm)
@@ -355,9 +353,12 @@ class Run:
         self._in_flight = None
         return mean_ce, grad_norm, self._skipped_so_far
 
-    def after_update(self, step: int, sampled: bool) -> None:
-        """Right after the optimizer's update of `step` (applied or skipped on device): what looks at or
-        adjusts the updated weights goes here, before the gradients are dropped."""
+    def after_update(self, step: int, sampled: bool, grad_norm: torch.Tensor, skip: torch.Tensor | None) -> None:
+        """Right after the optimizer's update of `step` (applied or skipped on device; `grad_norm` and skip-step's
+        `skip` say which): what looks at or adjusts the updated weights goes here, before the gradients are
+        dropped."""
+        if self.qk_clip:  # only where the update was applied, before anything looks at the updated weights
+            self.diagnostics.record(step, self.qk_clip.clip(grad_norm, skip))
         if sampled:
             self.diagnostics.observe_update(step)
         self.optimizer.zero_grad(set_to_none=True)
