@@ -111,3 +111,16 @@ def test_long_override_lists_give_valid_job_dir_names():
 
     node = OmegaConf.create({"dirname": "é" * 300, "clipped": "${minilm.clip:${dirname},200}"})
     assert len(node.clipped.encode()) <= 200 and node.clipped == "é" * 100
+
+
+def test_qk_bound_sets_one_bound_per_option():
+    from minilm.config import validate
+
+    expected = {"none": (False, None), "qk_norm": (True, None), "qk_clip": (False, 4.0)}
+    assert set(group_options("qk_bound")) == set(expected)
+    for option, bound in expected.items():
+        for optimizer in ("adamw", "muon"):
+            cfg = compose(["experiment=muon_maxlogit", "size=tiny", f"optim={optimizer}", f"qk_bound={option}"])
+            validate(cfg)
+            assert (cfg.model.qk_norm, cfg.optim.qk_clip_tau, cfg.optim.name) == (*bound, optimizer)
+    assert compose(["+qk_bound=qk_clip"]).optim.qk_clip_tau == 4.0  # outside the study it is added
