@@ -364,8 +364,8 @@ class DiagnosticsConfig:
 
 
 # The figures a study can ask its report for (minilm/analysis/figures.py draws them).
-FIGURES = ("loss_curves", "final_loss_vs_lr", "grad_norm_by_layer", "attn_logit_max", "attn_entropy", "logz",
-           "fp16_scale", "update_rms", "norm_error", "numerics", "depth_profile")
+FIGURES = ("loss_curves", "final_loss_vs_lr", "grad_norm_by_layer", "attn_logit_max", "attn_entropy", "attn_sink",
+           "logz", "fp16_scale", "update_rms", "norm_error", "numerics", "depth_profile")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """report.py and studies.py on hand-made runs: statistics, arms, LR sensitivity, figures, verdicts."""
 
 import csv
+import json
 import math
 
 import pytest
@@ -123,6 +124,26 @@ def test_the_report_draws_exactly_the_declared_figures_that_have_data(tmp_path):
     assert "Not drawn, no data in these runs: logz" in text
     assert all(f"]({name})" in text for name in drawn)  # every figure is linked
     assert text.index("the expected outcome, in words") < text.index("## Arms")  # the report opens with it
+
+
+def test_a_coordinate_check_kept_in_the_sweep_dir_joins_the_report(tmp_path):
+    from minilm.launch import coordcheck
+
+    source, out = tmp_path / "sweep", tmp_path / "report"
+    widths, rms = [64, 128], {"embedding": [[1.0, 1.0]], "L0.attn": [[1.0, 2.0]], "L0.mlp": [[1.0, 1.0]],
+                              "L0.residual": [[1.0, 1.0]], "logits": [[1.0, 4.0]]}
+    record = {"overrides": ["model.parametrization=sp"], "parametrization": "sp", "optimizer": "adamw", "lr": 8e-3,
+              "widths": widths, "steps": 1, "rms": rms,
+              "slope": {name: [coordcheck.slope(widths, values[0])] for name, values in rms.items()}}
+    (source / "coordcheck_sp").mkdir(parents=True)
+    (source / "coordcheck_sp" / "coordcheck.json").write_text(json.dumps(record))
+    coordcheck.plot(record, source / "coordcheck_sp" / "coordcheck.png")
+    runs = [hand_made_run({"figures": ["loss_curves"]}, optim__lr=lr) for lr in (1e-3, 1e-2)]
+    text = report.write_report(runs, str(source), out)
+    assert "](coordcheck_sp.png)" in text and (out / "coordcheck_sp.png").stat().st_size > 0
+    assert "block outputs +0.00 to +1.00, logits +2.00" in text
+    assert text.index("Coordinate check") < text.index("## Arms")
+    assert "Coordinate check" not in report.write_report(runs, "hand-made", tmp_path / "plain")  # none kept: none shown
 
 
 def test_a_one_step_study_reports_no_divergence_and_draws_no_loss_curve(tmp_path):

@@ -14,11 +14,13 @@ from tests.helpers import run_training
 ROOT = CONFIG_DIR.parent
 STUDIES = {"precision_matrix", "norm_placement", "lr_qknorm", "postnorm_warmup", "grad_norm_init", "zloss",
            "warmup_lr", "independent_wd", "adamw_eps", "attn_entropy", "deep_postnorm", "layernorm_eps", "fp8",
-           "bf16_pure", "dyt", "curse_of_depth", "softcap", "skip_step", "reordered_norm"}
+           "bf16_pure", "dyt", "curse_of_depth", "softcap", "skip_step", "reordered_norm",
+           "muon_maxlogit", "mup_transfer", "attention_sink"}
 # what each figure reads, as logged at step 1 (fp16_scale only by fp16 runs)
 FIGURE_METRICS = {"loss_curves": "train/loss", "final_loss_vs_lr": "val/loss",
                   "grad_norm_by_layer": "diag/grad_rms/L0.mlp", "attn_logit_max": "diag/attn_logit_max/L0",
-                  "attn_entropy": "diag/attn_entropy/L0", "logz": "diag/logz_mean", "fp16_scale": "amp/skipped_steps",
+                  "attn_entropy": "diag/attn_entropy/L0",
+                  "attn_sink": "diag/attn_sink/L0", "logz": "diag/logz_mean", "fp16_scale": "amp/skipped_steps",
                   "update_rms": "diag/update_rms/L0.mlp", "norm_error": "diag/norm_error/centred/1e-04",
                   "numerics": "numerics/act_in/underflow/L0.mlp.fc", "depth_profile": "diag/resid_var/L0"}
 
@@ -110,3 +112,16 @@ def test_long_override_lists_give_valid_job_dir_names():
 
     node = OmegaConf.create({"dirname": "é" * 300, "clipped": "${minilm.clip:${dirname},200}"})
     assert len(node.clipped.encode()) <= 200 and node.clipped == "é" * 100
+
+
+def test_qk_bound_sets_one_bound_per_option():
+    from minilm.config import validate
+
+    expected = {"none": (False, None), "qk_norm": (True, None), "qk_clip": (False, 4.0)}
+    assert set(group_options("qk_bound")) == set(expected)
+    for option, bound in expected.items():
+        for optimizer in ("adamw", "muon"):
+            cfg = compose(["experiment=muon_maxlogit", "size=tiny", f"optim={optimizer}", f"qk_bound={option}"])
+            validate(cfg)
+            assert (cfg.model.qk_norm, cfg.optim.qk_clip_tau, cfg.optim.name) == (*bound, optimizer)
+    assert compose(["+qk_bound=qk_clip"]).optim.qk_clip_tau == 4.0  # outside the study it is added

@@ -208,3 +208,103 @@ def test_reordered_norm_verdicts(reordered_stabler):
     assert found["at the top of the learning-rate grid the reordered norm ends lower than pre-norm"].passed \
         is reordered_stabler
     assert found["the reordered norm has the lower LR sensitivity"].passed is reordered_stabler
+
+
+# ---------------------------------------------------------------- attention_sink
+
+
+def per_layer_series(prefix: str, by_step: dict[int, list[float]]) -> dict:
+    """`series` for synthetic_run: {prefix/L{i}: {step: value}} from {step: [value per layer]}."""
+    layers = len(next(iter(by_step.values())))
+    return {f"{prefix}/L{i}": {step: values[i] for step, values in by_step.items()} for i in range(layers)}
+
+
+@pytest.mark.parametrize("gate_removes_it", [True, False])
+def test_attention_sink_verdicts(gate_removes_it):
+    growing = {1: [0.06, 0.06], 5: [0.2, 0.1], 10: [0.5, 0.1]}
+    flat = {1: [0.06, 0.06], 5: [0.05, 0.06], 10: [0.04, 0.05]}
+    arms = {False: growing, True: flat if gate_removes_it else growing}
+    runs = [synthetic_run("attention_sink", 5.0, seed=seed, model__attn_gate=gate, series=per_layer_series(
+        "diag/attn_sink", {s: [v + 0.01 * seed for v in values] for s, values in arms[gate].items()}))
+        for gate in (False, True) for seed in SEEDS]
+    found = judged("attention_sink", runs)
+    grows = found["without the gate the share of attention on the first token grows during training"]
+    assert grows.passed and "0.060–0.080 at step 1, 0.500–0.520 at the end" in grows.measured
+    assert found["with the gate the share of attention on the first token does not grow"].passed is gate_removes_it
+    assert found["the gated model ends with less attention on the first token than the ungated one"].passed \
+        is gate_removes_it
+
+
+def test_attention_sink_sampled_once_is_not_measured():
+    runs = [synthetic_run("attention_sink", 5.0, seed=seed, model__attn_gate=gate,
+                          at_end={"diag/attn_sink": [0.1, 0.1]}) for gate in (False, True) for seed in SEEDS]
+    assert all(v.passed is None and "sampled twice" in v.measured for v in judged("attention_sink", runs).values())
+
+
+# ---------------------------------------------------------------- muon_maxlogit
+
+
+def maxlogit_runs(clip_caps: bool, clip_engages: bool = True, qk_norm_bounds: bool = True) -> list[RunRecord]:
+    """Muon and AdamW, no bound / qk-norm / QK-clip at tau 4, two LRs: the unbounded max logit rises to 8."""
+    rising = {1: 0.1, 5: 3.0, 10: 8.0}
+    shapes = {"none": rising, "qk_norm": {1: 0.1, 5: 2.0, 10: 2.0} if qk_norm_bounds else rising,
+              "qk_clip": {1: 0.1, 5: 3.0, 10: 4.1 if clip_caps else 8.0}}
+    bounds = {"none": {"model__qk_norm": False, "optim__qk_clip_tau": None},
+              "qk_norm": {"model__qk_norm": True, "optim__qk_clip_tau": None},
+              "qk_clip": {"model__qk_norm": False, "optim__qk_clip_tau": 4.0}}
+    runs = []
+    for optimizer in ("adamw", "muon"):
+        for bound, peak in shapes.items():
+            for lr in (1e-2, 3e-2):
+                for seed in SEEDS:
+                    series = per_layer_series("diag/attn_logit_max",
+                                              {s: [v + 0.01 * seed * s, v / 2] for s, v in peak.items()})
+                    series["optim/qk_clipped_heads"] = {s: float(bound == "qk_clip" and clip_engages and s >= 6)
+                                                        for s in range(1, 11)}
+                    runs.append(synthetic_run("muon_maxlogit", 5.0 + 0.01 * seed, seed=seed, optim__name=optimizer,
+                                              optim__lr=lr, series=series, **bounds[bound]))
+    return runs
+
+
+@pytest.mark.parametrize("clip_caps", [True, False])
+def test_muon_maxlogit_verdicts(clip_caps):
+    found = judged("muon_maxlogit", maxlogit_runs(clip_caps, qk_norm_bounds=clip_caps))
+    assert found["under Muon without qk-norm the per-head max attention logit keeps growing"].passed
+    caps = found["under Muon QK-clip caps the max attention logit at tau"]
+    assert caps.passed is clip_caps and "first clip at step 6" in caps.measured
+    assert found["under Muon QK-clip costs no loss"].passed
+    assert found["under Muon qk-norm bounds the max attention logit too: it does not keep growing"].passed is clip_caps
+
+
+def test_muon_maxlogit_a_clip_that_never_engaged_is_not_measured():
+    found = judged("muon_maxlogit", maxlogit_runs(True, clip_engages=False))
+    assert found["under Muon QK-clip caps the max attention logit at tau"].passed is None
+    assert "never engaged" in found["under Muon QK-clip costs no loss"].measured
+
+
+def test_muon_maxlogit_a_clip_that_costs_loss_is_a_cost():
+    runs = maxlogit_runs(True)
+    for run in runs:
+        if run.config["optim"]["qk_clip_tau"] and run.config["optim"]["name"] == "muon":
+            run.rows[-1]["val/loss"] += 0.5
+    assert judged("muon_maxlogit", runs)["under Muon QK-clip costs no loss"].passed is False
+
+
+# ---------------------------------------------------------------- mup_transfer
+
+
+@pytest.mark.parametrize("mup_transfers", [True, False])
+def test_mup_transfer_verdicts(mup_transfers):
+    lrs, best_sp = (2e-3, 4e-3, 8e-3, 1.6e-2), {64: 8e-3, 128: 4e-3, 256: 2e-3}
+    best = {"sp": best_sp, "mup": {64: 8e-3, 128: 8e-3, 256: 8e-3} if mup_transfers else best_sp}
+    runs = [synthetic_run("mup_transfer", 5.0 + abs(math.log2(lr / best[p][w])) * 0.1 + 0.01 * seed, seed=seed,
+                          model__parametrization=p, model__d_model=w, optim__lr=lr,
+                          at_end={"diag/attn_logit_max": [lr * 1000 * (w / 64 if p == "sp" or not mup_transfers
+                                                                       else 1), 1.0]})
+            for p in best for w in best_sp for lr in lrs for seed in SEEDS]
+    found = judged("mup_transfer", runs)
+    moves = found["under the standard parametrization the best learning rate moves down as the width grows"]
+    assert moves.passed and "width 256: best lr 0.002" in moves.measured
+    assert found["under μP the best learning rate stays put across widths"].passed is mup_transfers
+    logits = found["open question: under μP, without qk-norm, the max attention logit does not grow with width"]
+    assert logits.passed is mup_transfers and logits.numbers["sp"] == pytest.approx([4.0] * 4)

@@ -43,6 +43,7 @@ from minilm.rundir import PROBE_MEANS  # noqa: E402
 
 GRAD_KEYS = {"model.placement", "model.n_layer"}  # sweeps whose gradients at init the report plots by layer
 DPI = 90
+LEGEND_CHAR_IN = 0.065  # inches per character of a legend label at its font size (7.5 pt)
 LOG_SPAN = 100  # a quantity whose max / min exceeds this gets a log axis
 
 
@@ -141,11 +142,14 @@ class Canvas:
                 ax.annotate(n, (x, y), fontsize=6, color=layout.colours[layout.series(arm)],
                             xytext=(2, 2), textcoords="offset points")
         handles = [matplotlib.lines.Line2D([], [], color=layout.colours[s], lw=2) for s in shown]
-        ncol = min(3, len(handles))
+        labels = [arm_label(s, series_keys) for s in shown]
+        fits = int(self.fig.get_figwidth() / (LEGEND_CHAR_IN * (max(map(len, labels), default=0) + 5)))
+        ncol = max(1, min(3, len(handles), fits))  # long labels take fewer columns, so none runs off the figure
         legend_rows = math.ceil(len(handles) / ncol)
-        self.fig.legend(handles, [arm_label(s, series_keys) for s in shown], loc="lower center", ncol=ncol,
+        self.fig.legend(handles, labels, loc="lower center", ncol=ncol,
                         fontsize=7.5, title="; ".join(notes) or None, title_fontsize=7.5, frameon=False)
-        height = self.fig.get_figheight()
+        height = self.fig.get_figheight() + 0.2 * max(0, legend_rows - 2)  # a taller legend gets its own room
+        self.fig.set_figheight(height)
         self.fig.suptitle(textwrap.fill(title, int(self.fig.get_figwidth() * 12)), fontsize=9.5)
         self.fig.tight_layout(rect=(0, (0.3 + 0.2 * legend_rows) / height, 1, 1 - 0.35 / height))
         write_png(self.fig, path)
@@ -235,11 +239,21 @@ def plot_attn_logit_max(sweep: Sweep, layout: Layout, path: Path) -> bool:
                            "seed mean, band: min-max over seeds", path)
 
 
-def plot_attn_entropy(sweep: Sweep, layout: Layout, path: Path) -> bool:
-    depth = max(r.record.config["model"]["n_layer"] for r in sweep.stats)
-    rows = [StepRow(f"layer {i}", "attention entropy (nats)", _layer("diag/attn_entropy", i)) for i in range(depth)]
-    return plot_over_steps(sweep, layout, rows, "Attention entropy per layer, mean over batch, heads and queries, "
-                           "at the sampled steps; seed mean, band: min-max over seeds", path)
+def _per_layer_over_steps(prefix: str, ylabel: str, title: str) -> Callable[[Sweep, Layout, Path], bool]:
+    """A figure of a per-layer metric over the sampled steps: one row per layer."""
+    def plot(sweep: Sweep, layout: Layout, path: Path) -> bool:
+        depth = max(r.record.config["model"]["n_layer"] for r in sweep.stats)
+        rows = [StepRow(f"layer {i}", ylabel, _layer(prefix, i)) for i in range(depth)]
+        return plot_over_steps(sweep, layout, rows, title, path)
+    return plot
+
+
+plot_attn_entropy = _per_layer_over_steps(
+    "diag/attn_entropy", "attention entropy (nats)", "Attention entropy per layer, mean over batch, heads and queries, "
+    "at the sampled steps; seed mean, band: min-max over seeds")
+plot_attn_sink = _per_layer_over_steps(
+    "diag/attn_sink", "attention on position 0", "Attention sink per layer: the mean softmax probability on the "
+    "first token, over batch, heads and queries 1 … T−1, at the sampled steps; seed mean, band: min-max over seeds")
 
 
 def plot_logz(sweep: Sweep, layout: Layout, path: Path) -> bool:
@@ -401,7 +415,8 @@ def plot_norm_error(sweep: Sweep, layout: Layout, path: Path) -> bool:
 FIGURE_TITLES = {
     "loss_curves": "loss curves", "final_loss_vs_lr": "final loss vs learning rate",
     "grad_norm_by_layer": "gradient RMS by layer at init", "attn_logit_max": "max attention logit over steps",
-    "attn_entropy": "attention entropy per layer over steps", "logz": "log Z over steps",
+    "attn_entropy": "attention entropy per layer over steps", "attn_sink": "attention on the first token per layer "
+    "over steps", "logz": "log Z over steps",
     "fp16_scale": "fp16 loss scale and skipped steps", "update_rms": "update and gradient RMS per layer",
     "norm_error": "norm error on small-variance rows", "numerics": "low-precision underflow and overflow",
     "depth_profile": "residual variance and skip-one-block loss rise per block",
@@ -410,7 +425,8 @@ FIGURE_TITLES = {
 
 PLOTS: dict[str, Callable[[Sweep, Layout, Path], bool]] = {
     "loss_curves": plot_loss_curves, "final_loss_vs_lr": plot_lr_sensitivity, "grad_norm_by_layer": plot_init_grads,
-    "attn_logit_max": plot_attn_logit_max, "attn_entropy": plot_attn_entropy, "logz": plot_logz,
+    "attn_logit_max": plot_attn_logit_max, "attn_entropy": plot_attn_entropy, "attn_sink": plot_attn_sink,
+    "logz": plot_logz,
     "fp16_scale": plot_fp16_scale, "update_rms": plot_update_rms, "norm_error": plot_norm_error,
     "numerics": plot_numerics, "depth_profile": plot_depth_profile,
 }

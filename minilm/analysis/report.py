@@ -8,12 +8,15 @@ The arms and their statistics are minilm/analysis/sweep.py's, the figures minilm
 A canned study's runs carry its `study` node (minilm/config.py StudyConfig): the expected
 outcome and its source open report.md, followed by one verdict per expectation computed from
 the runs (minilm/analysis/studies/), each naming the seeds it rests on. A figure without data is not
-drawn, and report.md says so.
+drawn, and report.md says so. A coordinate check that `minilm-coordcheck --out SOURCE/<name>` kept in the
+sweep dir joins the page, with its slopes.
 """
 
 import argparse
 import csv
+import json
 import re
+import shutil
 import statistics
 from pathlib import Path
 
@@ -166,6 +169,7 @@ def write_report(records: list[RunRecord], source: str, out: Path) -> str:
     if missing:
         md.append(f"Not drawn, no data in these runs: {', '.join(missing)}.\n")
 
+    md += coord_check_section(source, out)
     md += ["## Arms\n", markdown_table(rows)]
     spikes = spike_lines(sweep)
     if spikes:
@@ -182,6 +186,25 @@ def write_report(records: list[RunRecord], source: str, out: Path) -> str:
     text = "\n".join(md)
     (out / "report.md").write_text(text)
     return text
+
+
+def coord_check_section(source: str, out: Path) -> list[str]:
+    """The coordinate checks kept in the sweep dir (SOURCE/<name>/coordcheck.json and .png): each figure, copied
+    as <name>.png, and its log-log slopes of activation RMS against width at the last step."""
+    found = sorted(Path(source).glob("*/coordcheck.json")) if Path(source).is_dir() else []
+    md = ["## Coordinate check (minilm-coordcheck)\n"] if found else []
+    for path in found:
+        record = json.loads(path.read_text())
+        shutil.copyfile(path.with_suffix(".png"), out / f"{path.parent.name}.png")
+        slopes = {name: values[-1] for name, values in record["slope"].items()}
+        blocks = [v for name, v in slopes.items() if name.startswith("L")]
+        md += [f"![coordinate check, {record['parametrization']}]({path.parent.name}.png)\n",
+               f"`{' '.join(record['overrides'])}`: {record['parametrization']}, optim={record['optimizer']}, "
+               f"constant lr {record['lr']:g}, widths {', '.join(map(str, record['widths']))}, {record['steps']} "
+               f"steps. Log-log slope of activation RMS against width at step {record['steps'] - 1}: embedding "
+               f"{slopes['embedding']:+.2f}, block outputs {min(blocks):+.2f} to {max(blocks):+.2f}, logits "
+               f"{slopes['logits']:+.2f} (0: the width does not change the activations' size).\n"]
+    return md
 
 
 def init_grad_table(sweep: Sweep) -> str:

@@ -6,6 +6,7 @@ The machinery they share (the registry, `Verdict`, the seed rule, what verdicts 
 
 from minilm.analysis.studies import (  # noqa: F401  (each module registers its study's verdicts)
     adamw_eps,
+    attention_sink,
     attn_entropy,
     bf16_pure,
     curse_of_depth,
@@ -16,6 +17,8 @@ from minilm.analysis.studies import (  # noqa: F401  (each module registers its 
     independent_wd,
     layernorm_eps,
     lr_qknorm,
+    muon_maxlogit,
+    mup_transfer,
     norm_placement,
     postnorm_warmup,
     precision_matrix,
