@@ -11,6 +11,11 @@ cap_onednn_isa_if_amx_is_broken()  # before any bf16 matmul, as the entry points
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+# One intra-op thread, here and in the train.py / scripts the tests start (they inherit the variable): at test
+# shapes a second thread only adds synchronisation, and on a machine shared with other jobs a thread that waits
+# for a descheduled sibling made steps many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -143,6 +143,7 @@ def fake_checkout(tmp_path):
 OVERRIDES = ["size=test", "train.max_steps=3"]
 
 
+@pytest.mark.slow  # three short trainings per row, five rows
 def test_rows_train_on_minilm_batches_and_val_windows(fresh_nanochat, fake_checkout, tmp_path):
     result = bench.compare(fake_checkout, OVERRIDES, [0.5, 2.0], tmp_path / "work")
     gpt = sys.modules["nanochat.gpt"]

@@ -25,7 +25,9 @@ def test_every_group_has_its_required_options():
     assert {"wandb", "none"} <= set(group_options("logger"))
 
 
-@pytest.mark.parametrize("choice", list(all_group_choices()))
+# A study alone is slow: tests/test_studies.py composes and validates each study's first job quickly.
+@pytest.mark.parametrize("choice", [pytest.param(c, marks=[pytest.mark.slow] if c.startswith("experiment=") else [])
+                                    for c in all_group_choices()])
 def test_every_config_option_composes_and_validates(choice):
     extra = ["data.files=[README.md]"] if choice == "data=text" else []
     cfg = compose([choice, *extra])

@@ -146,7 +146,9 @@ def hf_source(tmp_path, shape):
     return folder, {}
 
 
-@pytest.mark.parametrize("shape", ["saved_text", "saved_story", "saved_splits", "txt", "jsonl", "parquet"])
+# the quick tier: a saved dataset, a JSON lines folder and a parquet one
+@pytest.mark.parametrize("shape", ["saved_text", "jsonl", "parquet", *(pytest.param(s, marks=pytest.mark.slow)
+                                                                     for s in ("saved_story", "saved_splits", "txt"))])
 def test_hf_reads_every_local_dataset_shape(tmp_path, shape):
     folder, overrides = hf_source(tmp_path, shape)
     data = prepare_data(data_cfg(tmp_path, source="hf", name=str(folder), max_files=None, **overrides))
@@ -290,7 +292,8 @@ def test_a_corrupt_tokenizer_in_the_cache_is_rebuilt(tmp_path):
     assert again.encode("def main():") == first.encode("def main():")
 
 
-@pytest.mark.parametrize("tamper", [{"dtype": "uint32"}, {"dtype": "int16"}, {"vocab_size": 70_000},
+@pytest.mark.parametrize("tamper", [{"dtype": "uint32"}, pytest.param({"dtype": "int16"}, marks=pytest.mark.slow),
+                                    pytest.param({"vocab_size": 70_000}, marks=pytest.mark.slow),
                                     {"tokens": {"train": 1, "val": 1}}])
 def test_a_wrong_meta_json_is_detected_and_rebuilt(tmp_path, tamper):
     """meta.json says how to read the token files: a wrong dtype would read garbage ids."""

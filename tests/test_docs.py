@@ -182,7 +182,19 @@ PROGRAM_COMMANDS = [(where, argv) for where, command, _ in ALL_COMMANDS for argv
                     if program(argv) is not None]
 
 
-@pytest.mark.parametrize("where, argv", PROGRAM_COMMANDS, ids=[w for w, _ in PROGRAM_COMMANDS])
+def override_groups(argv: list[str]) -> list[list[str]]:
+    """The training overrides a benchmark command passes, one list per job it preflights: the plain ones
+    together, and each word with spaces as its own (bench_model.py --variants "a=1 b=2")."""
+    overrides = [w for w in argv[2:] if "=" in w and not w.startswith("-") and not is_placeholder(w)]
+    if not overrides or program(argv).parent.name != "bench":
+        return []
+    return [[w for w in overrides if " " not in w], *[w.split() for w in overrides if " " in w]]
+
+
+# Each job preflighted costs three compositions: a command with many variants is slow (as a sweep is).
+@pytest.mark.parametrize("where, argv", [
+    pytest.param(where, argv, marks=[pytest.mark.slow] if len(override_groups(argv)) > 4 else [], id=where)
+    for where, argv in PROGRAM_COMMANDS])
 def test_program_exists_and_defines_every_flag_shown(where, argv):
     source = program(argv)
     assert source.is_file(), f"{where}: {source.relative_to(ROOT)} does not exist"
@@ -193,12 +205,9 @@ def test_program_exists_and_defines_every_flag_shown(where, argv):
         return
     for flag in flags(argv[2:] if argv[0].startswith("python") else argv[1:]):
         assert f'"{flag}"' in text, f"{where}: {source.relative_to(ROOT)} defines no {flag}"
-    overrides = [w for w in argv[2:] if "=" in w and not w.startswith("-") and not is_placeholder(w)]
-    if overrides and source.parent.name == "bench":  # the benchmarks take training overrides
-        sweep = ["-m"] if source.name == "bench_sweep.py" else []
-        # a word with spaces is one variant of several overrides (bench_model.py --variants "a=1 b=2")
-        for group in [[w for w in overrides if " " not in w], *[w.split() for w in overrides if " " in w]]:
-            assert preflight([*sweep, *group]) is None, f"{where}: {group}: {preflight([*sweep, *group])}"
+    sweep = ["-m"] if source.name == "bench_sweep.py" else []
+    for group in override_groups(argv):  # the benchmarks take training overrides
+        assert preflight([*sweep, *group]) is None, f"{where}: {group}: {preflight([*sweep, *group])}"
 
 
 @cache

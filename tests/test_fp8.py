@@ -147,6 +147,7 @@ def test_converted_gpt_trains_on_cpu(recipe):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.slow  # tracing a 2-layer fp8 GPT; tests/test_model.py traces the bf16/fp32 one quickly
 def test_converted_gpt_compiles():
     model = GPT(tiny_config(), NormConfig(), 64)
     convert_to_fp8(model, "tensorwise", CPU)

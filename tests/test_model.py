@@ -166,7 +166,8 @@ def test_dyt_is_gamma_tanh_alpha_x_plus_beta_with_its_configured_alpha():
     ).norm_f.bias is None  # DyT's beta follows model.bias, as LayerNorm's
 
 
-@pytest.mark.parametrize("kind", ["dyt", "triton_dyt"])
+# the Triton modules also compile fullgraph in tests/test_triton_norms.py, quickly
+@pytest.mark.parametrize("kind", ["dyt", pytest.param("triton_dyt", marks=pytest.mark.slow)])
 def test_dyt_model_compiles_without_graph_breaks(kind):
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=32, block_size=16, qk_norm=True), NormConfig(kind=kind), 64)

@@ -41,7 +41,9 @@ MODELS = [[], ["model.tie_embeddings=false"], ["model=modern"],
           ["model=modern", "model.smear=true", "model.x0_blend=true"]]
 
 
-@pytest.mark.parametrize("arm", MODELS)
+# the quick tier: the GPT-2 preset and the modern one with SwiGLU and grouped KV heads
+@pytest.mark.parametrize("arm", [arm if i in (0, 3) else pytest.param(arm, marks=pytest.mark.slow)
+                                 for i, arm in enumerate(MODELS)])
 def test_init_and_adam_lrs_are_the_mup_packages(arm):
     """minilm's μP at width 256 against mup's on minilm's SP model of the same width: set_base_shapes against the
     base model (width 128) finds the same hidden matrices with the same width multipliers; mup.init.normal_ with

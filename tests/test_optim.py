@@ -150,7 +150,9 @@ def test_config_refuses_what_cannot_work():
         validate(compose(["optim.embed_lr_ratio=3"]))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "fp8"])
+# the quick tier: each way a step is skipped (Precision.step's, the fp16 scaler's)
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow), "fp16",
+                                       pytest.param("fp8", marks=pytest.mark.slow)])
 def test_muon_trains_under_each_precision_and_skips_a_nonfinite_step_whole(precision, tmp_path):
     """One step moves every parameter; a step with an inf in an embedding gradient moves none (fp16: the
     scaler's found_inf reaches Muon too; elsewhere Precision.step's), with no host sync added."""

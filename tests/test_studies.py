@@ -7,7 +7,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from minilm.analysis.studies import EXPECTATIONS
-from minilm.config import FIGURES
+from minilm.config import FIGURES, validate
 from minilm.launch.cli import CONFIG_DIR, compose, group_options, preflight
 from tests.helpers import run_training
 
@@ -36,6 +36,7 @@ def test_every_canned_study_exists():
 @pytest.mark.parametrize("name", sorted(STUDIES))
 def test_study_declares_its_report(name):
     cfg = compose([f"experiment={name}", *one_point(name)])
+    validate(cfg)
     study = cfg.study
     assert study.name == name and study.expected and study.source and study.figures
     assert set(FIGURE_METRICS) == set(FIGURES)

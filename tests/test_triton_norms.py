@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from minilm.norms import build_norm, triton_kernels, triton_ops
+from minilm.norms import availability, build_norm, triton_kernels, triton_ops
 from minilm.norms.availability import triton_unavailable_reason
 from minilm.norms.dyt import DyT
 from minilm.norms.reference import (
@@ -52,9 +52,20 @@ NORM_AFFINE = [(norm, affine) for norm in NORMS for affine in ("fp32", "input", 
                if (norm, affine) != ("rmsnorm", "no_bias")]
 
 
-@pytest.mark.parametrize("shape,eps", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("norm,affine", NORM_AFFINE)
+def quick_if(quick: bool) -> list:
+    """The marks of a case that `pytest -m "not slow"` runs only if `quick` (the interpreter pays per program)."""
+    return [] if quick else [pytest.mark.slow]
+
+
+def shape_id(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+# The quick tier: every norm, affine and dtype at one shape, and every shape once per norm (fp32).
+@pytest.mark.parametrize("norm,affine,dtype,shape,eps", [
+    pytest.param(norm, affine, dtype, shape, eps, id=f"{norm}-{affine}-{dtype}-{shape_id(shape)}-{eps}",
+                 marks=quick_if(shape == (7, 123) or (dtype == torch.float32 and affine == "fp32")))
+    for norm, affine in NORM_AFFINE for dtype in DTYPES for shape, eps in SHAPES])
 def test_matches_float64_reference(norm, affine, dtype, shape, eps):
     check_against_reference(norm, dtype, shape, eps, affine)
 
@@ -83,21 +94,29 @@ def path(request):
     return request.param
 
 
-@pytest.mark.parametrize("shape", [(3, 9), (2, 2, 29)])
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("norm,affine", [c for c in NORM_AFFINE if c[1] != "input"])
+# The quick tier: every norm and affine in fp32, and every norm in bf16, at the 2-D shape.
+@pytest.mark.parametrize("norm,affine,dtype,shape", [
+    pytest.param(norm, affine, dtype, shape, id=f"{norm}-{affine}-{dtype}-{shape_id(shape)}",
+                 marks=quick_if(shape == (3, 9) and (dtype == torch.float32 or affine == "fp32")))
+    for norm, affine in NORM_AFFINE if affine != "input" for dtype in (torch.float32, torch.bfloat16)
+    for shape in [(3, 9), (2, 2, 29)]])
 def test_looped_path_matches_float64_reference(looped, norm, affine, dtype, shape):
     check_against_reference(norm, dtype, shape, 1e-5, affine)
 
 
-@pytest.mark.parametrize("norm,dtype", [("layernorm", torch.float32), ("rmsnorm", torch.bfloat16),
-                                        ("dyt", torch.float32)], ids=str)
+@pytest.mark.parametrize("norm,dtype", [
+    pytest.param("layernorm", torch.float32, marks=pytest.mark.slow),
+    pytest.param("rmsnorm", torch.bfloat16, marks=pytest.mark.slow),
+    ("dyt", torch.float32)], ids=str)
 def test_rows_longer_than_64k(monkeypatch, norm, dtype):
     monkeypatch.setattr(triton_kernels, "norm_fwd_fused_kernel", _NotOnThisPath())
     monkeypatch.setattr(triton_kernels, "norm_bwd_fused_kernel", _NotOnThisPath())
     check_against_reference(norm, dtype, (2, 70_001), 1e-5, "fp32")
 
 
+# The full Jacobian of the fused path costs the interpreter thousands of launches: slow; the float64
+# reference tests check the fused gradients in the quick tier.
+@pytest.mark.parametrize("path", [pytest.param("fused", marks=pytest.mark.slow), "looped"], indirect=True)
 @pytest.mark.parametrize("norm", NORMS)
 def test_gradcheck_float64(norm, path):
     gen = torch.Generator().manual_seed(0)
@@ -213,7 +232,9 @@ def test_dyt_is_accurate_near_zero(scale, dtype):
         assert err <= TOL[dtype], f"{name}: error {err:.2e} > {TOL[dtype]:.2e}"
 
 
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm,path", [
+    pytest.param(norm, path, marks=quick_if(path == "fused" or norm == "dyt"))
+    for path in ("fused", "looped") for norm in NORMS], indirect=["path"])
 def test_bitwise_deterministic(norm, path):
     gen = torch.Generator().manual_seed(0)
     rows, n = (6, 19) if path == "looped" else (96, 100)  # several programs per launch either way
@@ -315,11 +336,14 @@ def test_registry_builds_triton_modules():
     assert torch.equal(dyt.alpha.detach(), torch.tensor([0.25]))
 
 
-def test_unavailable_reason_says_what_to_do():
+def test_unavailable_reason_says_what_to_do(monkeypatch):
     assert triton_unavailable_reason(DEVICE) is None  # this process runs them (GPU or interpreter)
     assert "norm=layernorm / norm=rmsnorm" in triton_unavailable_reason("mps")
+    monkeypatch.setattr(availability, "triton_interpreted", lambda: False)  # as without TRITON_INTERPRET=1
+    assert triton_unavailable_reason("cpu").startswith("Triton norms need a CUDA GPU; on CPU set TRITON_INTERPRET=1")
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch and triton; the message is checked above in-process
 def test_cpu_without_interpreter_fails_clearly():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import torch; from minilm.norms.triton_norm import TritonRMSNorm; "
@@ -332,6 +356,7 @@ def test_cpu_without_interpreter_fails_clearly():
     assert "RuntimeError: Triton norms need a CUDA GPU; on CPU set TRITON_INTERPRET=1" in proc.stderr
 
 
+@pytest.mark.slow  # 10 interpreted steps per norm; the kernels themselves are checked above
 @pytest.mark.parametrize("norm", NORMS)
 def test_training_tracks_torch_norm(norm, tmp_path):
     # Both runs are fp32 and differ only in rounding (a few ulps per norm output, summation order).
