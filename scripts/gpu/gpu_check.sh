@@ -168,7 +168,7 @@ train_config() {
     shift 2
     # model=small's shape as keys, so a configuration may choose its own model preset (model=modern)
     local size=(model.n_layer=12 model.n_head=12 model.d_model=768 model.block_size=1024 precision=bf16)
-    [ "$DRY_RUN" = 1 ] && size=(model.n_layer=1 model.d_model=32 model.n_head=2 model.block_size=32
+    [ "$DRY_RUN" = 1 ] && size=(model.n_layer=2 model.d_model=32 model.n_head=2 model.block_size=32
         train.batch_size=4 train.eval_batches=1 data.max_files=40 data.vocab_size=512 train.compile_backend=aot_eager)
     section "training: $name" "$cap" "$PART_DIR/train.log" \
         "$PY" scripts/bench/bench_train.py "${size[@]}" "$@" --json "$PART_DIR/train_${file// /_}.json"
