@@ -1,5 +1,6 @@
 """Every config composes; every invalid value fails early with one clear line."""
 
+import re
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import yaml
 
 from minilm.config import validate
+from minilm.errors import ConfigError
 from minilm.launch.cli import CONFIG_DIR, compose, group_options, jobs_of, preflight
 
 GROUPS = ["model", "norm", "precision", "data", "optim", "logger"]
@@ -99,3 +101,26 @@ def test_train_py_fails_fast_with_one_line():
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert lines == [lines[0]] and lines[0].startswith("error: norm=foo is not a choice")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.mlp=bogus", "model.mlp=bogus is not valid; choose one of: gelu, relu2, swiglu"),
+    ("model.nope=1", "unknown config key 'model.nope'"),
+    ("norm=foo", "norm=foo is not a choice"),
+])
+def test_compose_refuses_a_bad_override_in_one_line(override, message):
+    # every command that composes a config (train.py's preflight, the bench scripts, minilm-coordcheck) gets
+    # the same one line from compose itself
+    with pytest.raises(ConfigError, match="^" + re.escape(message)) as refused:
+        compose([override])
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.slow
+def test_a_bench_script_refuses_a_bad_override_in_one_line():
+    script = CONFIG_DIR.parent / "scripts" / "bench" / "bench_model.py"
+    result = subprocess.run([sys.executable, str(script), "--variants", "model.mlp=bogus"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    expected = "error: model.mlp=bogus is not valid; choose one of: gelu, relu2, swiglu"
+    assert result.stderr.strip().splitlines() == [expected]

@@ -42,7 +42,7 @@ from minilm.config import (
     schema_field,
     validate,
 )
-from minilm.errors import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, MinilmError, RunDirError, input_errors
+from minilm.errors import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, ConfigError, MinilmError, RunDirError, input_errors
 from minilm.launch.jobs import exit_code, job_result, record_outcome, threads_per_job
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -63,9 +63,13 @@ def group_options(group: str) -> list[str]:
 
 
 def compose(overrides: list[str] = (), hydra_node: bool = False):
-    """The config train.py would see for these overrides (with the hydra node if asked)."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides), return_hydra_config=hydra_node)
+    """The config train.py would see for these overrides (with the hydra node if asked); an override Hydra or
+    OmegaConf refuses is a ConfigError of one line naming it."""
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides), return_hydra_config=hydra_node)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(one_line(error, list(overrides))) from None
 
 
 # ---------------------------------------------------------------- one-line errors

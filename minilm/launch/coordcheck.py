@@ -21,15 +21,13 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra.errors import HydraException
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
 from minilm.config import check_runnable, resolve_device, validate
 from minilm.data import TokenWindowSampler, prepare_data
 from minilm.errors import ConfigError, exit_on_input_error
-from minilm.launch.cli import compose, one_line
+from minilm.launch.cli import compose
 from minilm.model import lm_loss
 from minilm.optim import build_optimizer, set_schedule
 from minilm.precision.policy import Precision
@@ -44,10 +42,7 @@ def width_configs(overrides: list[str], widths: list[int]) -> list:
     configs = []
     for width in widths:
         job = [*CONSTANT_LR, *overrides, f"model.d_model={width}"]
-        try:
-            cfg = compose(job)
-        except (HydraException, OmegaConfBaseException) as error:
-            raise ConfigError(one_line(error, job)) from None
+        cfg = compose(job)
         validate(cfg)
         check_runnable(cfg, resolve_device(cfg.device))
         configs.append(cfg)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
+from minilm.errors import input_errors
 from minilm.launch.cli import compose
 from minilm.train.ensemble import Ensemble
 from minilm.train.run import Run
@@ -98,4 +99,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with input_errors():  # a bad override ends in its one line, not a traceback
+        main()

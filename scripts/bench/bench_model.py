@@ -20,6 +20,7 @@ import time
 import torch
 from omegaconf import OmegaConf
 
+from minilm.errors import input_errors
 from minilm.launch.cli import compose
 from minilm.model import GPT, lm_loss
 from minilm.optim import build_optimizer
@@ -75,4 +76,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with input_errors():  # a bad override ends in its one line, not a traceback
+        main()

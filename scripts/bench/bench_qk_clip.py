@@ -19,6 +19,7 @@ import torch
 from bench_diagnostics import timed_step  # scripts/bench/ is on the path when run as a script
 
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
+from minilm.errors import input_errors
 from minilm.launch.cli import compose
 from minilm.train.run import Run
 
@@ -56,4 +57,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with input_errors():  # a bad override ends in its one line, not a traceback
+        main()

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from minilm.amx_guard import cap_onednn_isa_if_amx_is_broken
+from minilm.errors import input_errors
 from minilm.launch.cli import compose
 from minilm.model import lm_loss
 from minilm.optim import build_optimizer, set_schedule
@@ -271,4 +272,5 @@ def one_line(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    with input_errors():  # a bad override ends in its one line, not a traceback
+        main()
